@@ -1,0 +1,34 @@
+"""Helpers shared by the script tests: run a script's main in-process as a user would."""
+import importlib
+import sys
+
+
+def run_script(capsys, module_name: str, argv):
+    """Run ``module.main`` through ``run_main``; return (exit code, stdout, stderr)."""
+    from utils.training import run_main
+
+    module = importlib.import_module(module_name)
+    old = sys.argv
+    sys.argv = [f"{module_name}.py", *map(str, argv)]
+    code = 0
+    try:
+        run_main(lambda: module.main([str(a) for a in argv]))
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(result, *fragments):
+    code, _, err = result
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+

@@ -1,0 +1,162 @@
+"""train_standard.py end to end: files, accuracy, resume, and every bad-input case."""
+import json
+
+import pytest
+import torch
+
+import train_standard
+from tests.conftest import HAVE_FASHION
+from tests.helpers import assert_user_error, run_script
+
+SYNTH = ["--dataset", "synthetic", "--arch", "smallcnn", "--batch-size", "32", "--epsilon", "0.1",
+         "--num-steps", "2", "--eval-steps", "2", "--lr", "0.05", "--no-progress"]
+
+
+def test_short_real_run_learns_and_writes_every_file(tmp_path, capsys):
+    """Fashion-MNIST when installed (synthetic otherwise): clean accuracy well above chance."""
+    data = (["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nodata")] if HAVE_FASHION
+            else ["--dataset", "synthetic"])
+    (tmp_path / "nodata").mkdir()
+    argv = [*data, "--arch", "smallcnn", "--train-limit", "2000", "--test-limit", "500", "--epochs", "2",
+            "--warm-up-epochs", "1", "--batch-size", "32", "--lr", "0.05", "--epsilon", "0.1", "--num-steps", "3",
+            "--eval-steps", "5", "--lr-milestones", "1", "--model-dir", tmp_path / "run", "--no-progress"]
+    code, out, err = run_script(capsys, "train_standard", argv)
+    assert code == 0, err
+    run = tmp_path / "run"
+    for name in ("best_model.pth", "last.pth", "config.json", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for key in ("epoch", "lr", "train_loss", "train_acc", "clean_acc", "pgd_acc", "seconds"):
+        assert key in lines[0]
+    assert lines[1]["lr"] == pytest.approx(0.005)  # divided by 10 at milestone 1
+    assert lines[-1]["clean_acc"] > 50.0  # chance is 10 %
+    assert lines[-1]["pgd_acc"] <= lines[-1]["clean_acc"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["arch"] == "smallcnn" and config["epsilon"] == 0.1
+    state = torch.load(run / "best_model.pth", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    last = torch.load(run / "last.pth", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "rng", "args"} <= set(last)
+    assert "epoch=2" in out
+
+
+def test_underscore_spellings_and_fraction_epsilon():
+    args = train_standard.parse_args(["--model_dir", "x", "--num_steps", "3", "--epsilon", "8/255"])
+    assert args.model_dir == "x" and args.num_steps == 3
+    assert args.epsilon == pytest.approx(8 / 255) and args.step_size == pytest.approx(2 / 255)
+
+
+def test_paper_defaults():
+    a = train_standard.parse_args([])
+    assert (a.arch, a.dataset, a.distance, a.num_steps) == ("resnet18", "cifar10", "l_inf", 10)
+    assert a.epsilon == pytest.approx(8 / 255) and a.step_size == pytest.approx(a.epsilon / 4)
+    assert (a.lr, a.momentum, a.weight_decay, a.epochs, a.lr_milestones) == (0.1, 0.9, 2e-4, 100, [75, 90])
+    assert train_standard.parse_args(["--distance", "l_2"]).epsilon == 0.5
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    common = [*SYNTH, "--epochs", "3", "--lr-milestones", "2"]
+    code, _, err = run_script(capsys, "train_standard", [*common, "--model-dir", tmp_path / "full"])
+    assert code == 0, err
+
+    # Crash in the middle of epoch 3: the loop dies after a few batches.
+    import utils.training as training
+
+    real = training.train_epoch
+    calls = {"n": 0}
+
+    def crashing(model, loader, step, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            it = iter(loader)
+            x, y = next(it)
+            step(x, y)
+            raise KeyboardInterrupt
+        return real(model, loader, step, *a, **k)
+
+    monkeypatch.setattr(train_standard, "train_epoch", crashing)
+    code, _, err = run_script(capsys, "train_standard", [*common, "--model-dir", tmp_path / "part"])
+    assert code == 130 and "--resume" in err
+    monkeypatch.setattr(train_standard, "train_epoch", real)
+    code, _, err = run_script(capsys, "train_standard", [*common, "--model-dir", tmp_path / "part", "--resume"])
+    assert code == 0, err
+
+    full = torch.load(tmp_path / "full" / "last.pth", weights_only=True)
+    part = torch.load(tmp_path / "part" / "last.pth", weights_only=True)
+    assert full["epoch"] == part["epoch"] == 3
+    for key, value in full["model"].items():
+        assert torch.equal(value, part["model"][key]), key
+    full_lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    part_lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(ln).items() if k != "seconds"} for ln in full_lines]
+    assert strip == [{k: v for k, v in json.loads(ln).items() if k != "seconds"} for ln in part_lines]
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], ["/nonexistent/dir"]),
+    (["--arch", "resnet1000"], ["--arch", "resnet1000"]),
+    (["--dataset", "imagenet-21k"], ["--dataset", "imagenet-21k"]),
+    (["--epsilon", "0"], ["--epsilon"]),
+    (["--epsilon", "-0.1"], ["--epsilon"]),
+    (["--num-steps", "0"], ["--num-steps"]),
+    (["--step-size", "0"], ["--step-size"]),
+    (["--epsilon", "abc"], ["--epsilon"]),
+])
+def test_bad_flags_give_one_line(tmp_path, capsys, argv, fragments):
+    result = run_script(capsys, "train_standard", [*argv, "--model-dir", tmp_path / "m"])
+    assert_user_error(result, *fragments)
+
+
+def _resume(tmp_path, capsys, extra=()):
+    return run_script(capsys, "train_standard", [*SYNTH, "--epochs", "1", "--model-dir", tmp_path, "--resume", *extra])
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    assert_user_error(_resume(tmp_path, capsys), "--resume", "last.pth")
+
+
+def test_resume_from_truncated_checkpoint(tmp_path, capsys):
+    code, _, err = run_script(capsys, "train_standard", [*SYNTH, "--epochs", "1", "--model-dir", tmp_path])
+    assert code == 0, err
+    data = (tmp_path / "last.pth").read_bytes()
+    (tmp_path / "last.pth").write_bytes(data[: len(data) // 2])
+    assert_user_error(_resume(tmp_path, capsys), "--resume", "last.pth")
+
+
+def test_resume_from_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "last.pth").write_text("hello, I am not a checkpoint\n")
+    assert_user_error(_resume(tmp_path, capsys), "--resume", "last.pth")
+
+
+def test_resume_with_wrong_architecture(tmp_path, capsys):
+    code, _, err = run_script(capsys, "train_standard", [*SYNTH, "--epochs", "1", "--model-dir", tmp_path])
+    assert code == 0, err
+    argv = [*SYNTH, "--epochs", "2", "--model-dir", tmp_path, "--resume", "--arch", "smallcnn-nobn"]
+    assert_user_error(run_script(capsys, "train_standard", argv), "--resume", "model")
+
+
+class Boom:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED",))
+
+
+def test_crafted_pickle_is_never_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"epoch": 1, "model": Boom()}, tmp_path / "last.pth")
+    assert_user_error(_resume(tmp_path, capsys), "--resume")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "train_standard.py"), "--dataset", "npy", "--data-dir",
+                           str(tmp_path), "--model-dir", str(tmp_path / "m")], capture_output=True, text=True,
+                          cwd=root, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

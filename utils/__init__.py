@@ -1,0 +1,1 @@
+"""Attacks, pattern split and sample selection, MI bounds, losses, data and training plumbing."""

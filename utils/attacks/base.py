@@ -1,0 +1,89 @@
+"""What every attack shares: the model's mode during an attack, and L∞/L2 geometry."""
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+NORMS = ("linf", "l2")
+# The release's spellings of the threat model.
+NORM_ALIASES = {"l_inf": "linf", "linf": "linf", "Linf": "linf", "l_2": "l2", "l2": "l2", "L2": "l2"}
+
+
+def canonical_norm(norm: str) -> str:
+    try:
+        return NORM_ALIASES[norm]
+    except KeyError:
+        raise ValueError(f"unknown norm {norm!r}; expected one of l_inf, l_2") from None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module behind DistributedDataParallel / torch.compile wrappers.
+
+    Attacks call the bare module: a DDP forward would register gradient hooks for the
+    parameters and synchronise buffers, neither of which an attack wants."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@contextmanager
+def attack_mode(model: nn.Module):
+    """Eval mode (BatchNorm running statistics, no dropout) and no parameter gradients.
+
+    Each module's mode and each parameter's ``requires_grad`` are restored afterwards, so a
+    model that was training goes on training with its BatchNorm statistics untouched by the
+    attack's forward passes."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+
+def lp_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample norm of a perturbation batch, shape (N,)."""
+    flat = delta.flatten(1)
+    if canonical_norm(norm) == "linf":
+        return flat.abs().amax(dim=1)
+    return flat.norm(p=2, dim=1)
+
+
+def project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
+    """Project each perturbation onto the ε-ball of the norm."""
+    if canonical_norm(norm) == "linf":
+        return delta.clamp(-epsilon, epsilon)
+    norms = delta.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+    factor = (epsilon / norms).clamp(max=1.0)
+    return delta * factor.view(-1, *([1] * (delta.dim() - 1)))
+
+
+def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """Steepest-ascent direction of unit norm: sign for L∞, normalised gradient for L2."""
+    if canonical_norm(norm) == "linf":
+        return grad.sign()
+    norms = grad.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+    return grad / norms.view(-1, *([1] * (grad.dim() - 1)))
+
+
+def random_start(x: torch.Tensor, epsilon: float, norm: str, generator=None) -> torch.Tensor:
+    """A uniform draw from the ε-ball (L∞: the cube; L2: uniform in the ball)."""
+    if canonical_norm(norm) == "linf":
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (2 * u - 1) * epsilon
+    n = x[0].numel()
+    d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    d = d / d.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+    r = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / n)
+    return d * (epsilon * r).view(-1, *([1] * (x.dim() - 1)))

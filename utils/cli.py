@@ -1,0 +1,120 @@
+"""Flags that several scripts share, defined once.
+
+Every ``--long-flag`` also answers to ``--long_flag`` (the release's spelling). Errors in
+flags print one line and exit with status 2, as argparse does, without a usage dump."""
+import argparse
+import sys
+from fractions import Fraction
+
+from models import MODEL_NAMES
+from utils.data import DATASETS
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose long options accept both hyphen and underscore spellings."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        spelled = list(names)
+        for name in names:
+            if name.startswith("--") and "-" in name[2:]:
+                alias = "--" + name[2:].replace("-", "_")
+                if alias not in spelled:
+                    spelled.append(alias)
+        return super().add_argument(*spelled, **kwargs)
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def number(text: str) -> float:
+    """A float that may be written as a fraction, e.g. ``8/255``."""
+    try:
+        return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def add_data_args(p: Parser) -> None:
+    p.add_argument("--dataset", default="cifar10", choices=DATASETS, metavar="{" + ",".join(DATASETS) + "}",
+                   help="dataset to train and evaluate on")
+    p.add_argument("--data-dir", default="data", help="where the dataset's files live (see data/README.md)")
+    p.add_argument("--train-limit", type=int, default=None, help="train on a fixed, seeded subset of N images")
+    p.add_argument("--test-limit", type=int, default=None, help="evaluate on a fixed, seeded subset of N images")
+    p.add_argument("--val-size", type=int, default=0,
+                   help="hold out N training images for model selection (0: select on the test split, as the release)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="accepted for the release's command lines; the tensor data pipeline needs no workers")
+
+
+def add_model_args(p: Parser, default: str = "resnet18") -> None:
+    p.add_argument("--arch", default=default, choices=MODEL_NAMES, metavar="{" + ",".join(MODEL_NAMES) + "}",
+                   help="target network")
+
+
+def add_attack_args(p: Parser, num_steps: int = 10, eval_steps: int = 20) -> None:
+    p.add_argument("--distance", default="l_inf", choices=("l_inf", "l_2"), help="threat model")
+    p.add_argument("--epsilon", type=number, default=None,
+                   help="perturbation budget (default 8/255 for l_inf, 0.5 for l_2)")
+    p.add_argument("--step-size", type=number, default=None, help="PGD step size (default epsilon/4)")
+    p.add_argument("--num-steps", type=int, default=num_steps, help="PGD steps while training")
+    p.add_argument("--eval-steps", type=int, default=eval_steps, help="PGD steps for the per-epoch robust accuracy")
+
+
+def add_optim_args(p: Parser, epochs: int = 100, batch_size: int = 256, lr: float = 0.1,
+                   milestones=(75, 90)) -> None:
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=2e-4)
+    p.add_argument("--lr-milestones", type=int, nargs="*", default=list(milestones),
+                   help="epochs at which the learning rate is multiplied by --lr-gamma")
+    p.add_argument("--lr-gamma", type=float, default=0.1)
+    p.add_argument("--warm-up-epochs", type=int, default=0,
+                   help="epochs of clean cross-entropy training before adversarial training starts")
+    p.add_argument("--epsilon-ramp-epochs", type=int, default=0,
+                   help="grow the training epsilon linearly from 0 over this many adversarial epochs")
+
+
+def add_run_args(p: Parser, model_dir: str) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--model-dir", default=model_dir, help="where checkpoints, config.json and metrics.jsonl go")
+    p.add_argument("--resume", action="store_true", help="continue from <model-dir>/last.pth")
+    p.add_argument("--save-freq", type=int, default=0, help="also keep model_epoch<N>.pth every N epochs (0: never)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def finish_attack_args(p: Parser, args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the norm-dependent defaults and reject budgets that cannot be meant."""
+    if args.epsilon is None:
+        args.epsilon = 8 / 255 if args.distance == "l_inf" else 0.5
+    if args.step_size is None:
+        args.step_size = args.epsilon / 4
+    if args.epsilon <= 0:
+        p.error(f"--epsilon must be positive, got {args.epsilon}")
+    if args.step_size <= 0:
+        p.error(f"--step-size must be positive, got {args.step_size}")
+    for flag in ("num_steps", "eval_steps"):
+        if getattr(args, flag, 1) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    return args
+
+
+def check_positive(p: Parser, args: argparse.Namespace, *flags: str) -> None:
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
+
+
+def check_non_negative(p: Parser, args: argparse.Namespace, *flags: str) -> None:
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            p.error(f"--{flag.replace('_', '-')} must not be negative, got {value}")

@@ -1,0 +1,312 @@
+"""Training plumbing shared by the scripts: devices, seeding, checkpoints, metrics, resume."""
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils.attacks.base import unwrap
+from utils.attacks.pgd import pgd
+
+
+class UserError(Exception):
+    """A mistake in the user's input. Scripts print its one-line message and exit with 2."""
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a script's main: user mistakes become one line on stderr and exit status 2."""
+    from utils.data import DataError  # local: data imports torchvision, which is slow to import
+
+    prog = Path(sys.argv[0]).name
+    try:
+        main()
+    except (UserError, DataError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the last finished epoch is kept, continue with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+# --- RNG state, so that a resumed run draws the same numbers as an uninterrupted one ---
+
+def rng_state(generator: Optional[torch.Generator] = None) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, generator: Optional[torch.Generator] = None) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+# --- checkpoints ---
+
+def atomic_save(obj, path) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, flag: str):
+    """Load with ``weights_only=True``: a checkpoint holding code is refused, never run."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag}: no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a zip/pickle, or a pickle that would run code
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{flag}: {path} is not a readable weights-only checkpoint ({reason[:160]})") from None
+
+
+def _strip_prefixes(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_weights(module: nn.Module, path, flag: str, what: str) -> None:
+    """Load a plain state_dict (or the ``model`` entry of ``last.pth``) into ``module``, strictly."""
+    state = load_checkpoint(path, flag)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{flag}: {path} does not hold a state_dict")
+    try:
+        unwrap(module).load_state_dict(_strip_prefixes(state), strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise UserError(f"{flag}: {path} does not fit {what}: {detail[:240]}") from None
+
+
+def state_dict(module: nn.Module) -> dict:
+    return unwrap(module).state_dict()
+
+
+# --- metrics and the per-epoch loop ---
+
+def epsilon_at(epoch: int, args) -> float:
+    """Training budget at ``epoch`` (1-based): 0 in clean warm-up epochs, then an optional linear ramp."""
+    adversarial_epoch = epoch - args.warm_up_epochs
+    if adversarial_epoch < 1:
+        return 0.0
+    ramp = getattr(args, "epsilon_ramp_epochs", 0)
+    if ramp > 0 and adversarial_epoch < ramp:
+        return args.epsilon * adversarial_epoch / ramp
+    return args.epsilon
+
+
+class Meter:
+    """Running sums kept as tensors, so training never waits on the device for a ``.item()``."""
+
+    def __init__(self):
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.counts: Dict[str, float] = {}
+
+    def add(self, name: str, value: torch.Tensor, n: float = 1.0) -> None:
+        value = value.detach().float() * n
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.counts[name] = self.counts.get(name, 0.0) + n
+
+    def result(self) -> Dict[str, float]:
+        return {k: float(v) / max(self.counts[k], 1e-12) for k, v in self.sums.items()}
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple]
+
+
+def train_epoch(model: nn.Module, loader, step: StepFn, optimizer, desc: str,
+                progress: bool = True) -> Dict[str, float]:
+    """One pass over ``loader``. ``step(x, y)`` returns (loss, logits for accuracy, {name: scalar})."""
+    model.train()
+    meter = Meter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for x, y in bar:
+        loss, logits, extra = step(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = y.shape[0]
+        meter.add("train_loss", loss, n)
+        meter.add("train_acc", (logits.argmax(dim=1) == y).float().mean() * 100, n)
+        for name, value in extra.items():
+            meter.add(name, torch.as_tensor(value), 1.0)
+    return meter.result()
+
+
+def evaluate(model: nn.Module, loader, epsilon: float, step_size: float, num_steps: int, norm: str,
+             progress: bool = True, desc: str = "eval") -> Dict[str, float]:
+    """Clean and PGD accuracy (%) in eval mode; the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(2)
+    total = 0
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        with torch.no_grad():
+            clean = (model(x).argmax(dim=1) == y).sum()
+        x_adv = pgd(model, x, y, epsilon, step_size, num_steps, norm)
+        with torch.no_grad():
+            robust = (model(x_adv).argmax(dim=1) == y).sum()
+        correct += torch.stack([clean, robust]).float().cpu()
+        total += y.shape[0]
+    model.train(was_training)
+    clean_acc, pgd_acc = (100.0 * correct / max(total, 1)).tolist()
+    return {"clean_acc": clean_acc, "pgd_acc": pgd_acc}
+
+
+def cross_entropy_step(model: nn.Module) -> StepFn:
+    """A clean training step, for warm-up epochs."""
+    def step(x, y):
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits, {}
+    return step
+
+
+class Run:
+    """A training run's folder: config.json, metrics.jsonl, the best files and last.pth.
+
+    ``state`` maps names to objects with ``state_dict``/``load_state_dict`` (model,
+    optimizer, scheduler, ...). Each epoch ends by writing, in order, the best files, the
+    metrics line and last.pth, each atomically; last.pth commits the epoch, so a run killed
+    at any moment resumes from the last committed epoch and loses at most the current one."""
+
+    def __init__(self, args, state: Dict[str, object], generator: Optional[torch.Generator] = None,
+                 select_by: str = "pgd_acc"):
+        self.args = args
+        self.dir = Path(args.model_dir)
+        self.state = state
+        self.generator = generator
+        self.select_by = select_by
+        self.best_score = -float("inf")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.last_path = self.dir / "last.pth"
+        self.started = time.time()
+
+    def config(self) -> dict:
+        return {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+    def start(self) -> int:
+        """Write config.json; with --resume load last.pth. Returns the first epoch to run."""
+        atomic_write_text(self.dir / "config.json", json.dumps(self.config(), indent=2, sort_keys=True) + "\n")
+        if not getattr(self.args, "resume", False):
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()
+            return 1
+        ckpt = load_checkpoint(self.last_path, "--resume")
+        if not isinstance(ckpt, dict) or "epoch" not in ckpt:
+            raise UserError(f"--resume: {self.last_path} is not a last.pth written by this project")
+        for name, obj in self.state.items():
+            if name not in ckpt:
+                raise UserError(f"--resume: {self.last_path} has no '{name}' entry")
+            try:
+                target = unwrap(obj) if isinstance(obj, nn.Module) else obj
+                target.load_state_dict(_strip_prefixes(ckpt[name]) if isinstance(obj, nn.Module) else ckpt[name])
+            except (RuntimeError, ValueError, KeyError) as err:
+                detail = " ".join(str(err).split())
+                raise UserError(f"--resume: {self.last_path} does not fit this run's {name}: {detail[:200]}") from None
+        self.best_score = ckpt.get("best_score", -float("inf"))
+        set_rng_state(ckpt["rng"], self.generator)
+        self._truncate_metrics(ckpt["epoch"])
+        return ckpt["epoch"] + 1
+
+    def _truncate_metrics(self, last_epoch: int) -> None:
+        if not self.metrics_path.exists():
+            return
+        lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= last_epoch]
+        atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in kept))
+
+    def end_epoch(self, epoch: int, metrics: dict, best: Dict[str, nn.Module]) -> dict:
+        """Save the best files if ``metrics[select_by]`` improved, log the metrics, then last.pth."""
+        score = metrics[self.select_by]
+        improved = score > self.best_score
+        if improved:
+            self.best_score = score
+            for filename, module in best.items():
+                atomic_save(state_dict(module), self.dir / filename)
+        record = {"epoch": epoch, **metrics, "best": improved,
+                  "selected_on": "val" if getattr(self.args, "val_size", 0) else "test"}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.args.save_freq and epoch % self.args.save_freq == 0:
+            for filename, module in best.items():
+                stem = Path(filename).stem.replace("best_", "")
+                atomic_save(state_dict(module), self.dir / f"{stem}_epoch{epoch}.pth")
+        ckpt = {name: (state_dict(obj) if isinstance(obj, nn.Module) else obj.state_dict())
+                for name, obj in self.state.items()}
+        ckpt.update(epoch=epoch, best_score=self.best_score, rng=rng_state(self.generator), args=self.config())
+        atomic_save(ckpt, self.last_path)
+        return record
+
+
+def atomic_write_text(path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def format_metrics(record: dict) -> str:
+    keys = [k for k in ("epoch", "lr", "train_loss", "train_acc", "clean_acc", "pgd_acc", "seconds") if k in record]
+    return "  ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}" for k in keys)
