@@ -1,0 +1,186 @@
+"""Stage-2 estimator objectives (PAPER.md §5) and the stage-3 NAMID loss L_mi (§6).
+
+All functions are pure functions of per-sample MI vectors (shape (N,), from ``mi_per_sample``):
+    mi_n_nat = Î_n(x, h(x))     natural MI of the natural input
+    mi_n_adv = Î_n(x, h(x̃))     natural MI of the adversarial input
+    mi_a_nat = Î_a(n, h(x))     adversarial MI of the natural input
+    mi_a_adv = Î_a(n, h(x̃))     adversarial MI of the adversarial input
+and boolean masks from ``utils.patterns.select_samples``. In the paper's notation
+a_n(v) = −Î_n(x, h(v)) and a_a(v) = −Î_a(n, h(v)); "v|S" is the batch vector zeroed outside S.
+No function divides by an empty set or returns NaN; an empty set gives a zero that is still
+attached to the inputs' graph, so ``loss.backward()`` always works.
+"""
+from typing import Dict, Tuple
+
+import torch
+
+from utils.patterns import Selection, masked_mean
+
+Tensor = torch.Tensor
+
+
+def restrict(values: Tensor, mask: Tensor) -> Tensor:
+    """values|S: the batch vector zeroed outside the set ``mask``."""
+    return torch.where(mask, values, torch.zeros_like(values))
+
+
+def safe_cosine(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Cosine similarity of two batch vectors; 0 (finite gradient) when either is all zero."""
+    dot = (a * b).sum()
+    # Clamp the squared product: clamp_min's zero gradient below eps² keeps sqrt's gradient finite.
+    return dot / ((a * a).sum() * (b * b).sum()).clamp_min(eps * eps).sqrt()
+
+
+def _count(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.sum().to(like.dtype)
+
+
+def _if_nonempty(count: Tensor, term: Tensor) -> Tensor:
+    return torch.where(count > 0, term, torch.zeros_like(term))
+
+
+def estimator_loss_release(
+    mi_n_nat: Tensor,
+    mi_n_adv: Tensor,
+    mi_a_nat: Tensor,
+    mi_a_adv: Tensor,
+    sel: Selection,
+    *,
+    cos_weight: float = 5.0,
+    r_weight: float = 0.5,
+    a_r_cos_weight: float = 8.0,
+    a_r_sum_weight: float = 0.1,
+) -> Tuple[Tensor, Tensor]:
+    """The release's stage-2 losses (loss for E_n, loss for E_a), minimised (§5 "Release").
+
+    E_n: L = L_W + r·L_R,  L_R = w·|1 − cos(a_n(x)|R, a_n(x̃)|R)| + Σ_R a_n(x)/|C|,
+                           L_W = w·|cos(a_n(x)|W, a_n(x̃)|W)| + Σ_W a_n(x)/|C|.
+    E_a: L = L_W + r·L_R,  L_W = w·|cos(a_a(x̃)|W, a_a(x)|W)| + Σ_W a_a(x̃)/|W|,
+                           L_R = w_R·|1 − cos(a_a(x)|R, a_a(x̃)|R)| − s_R·Σ_R a_a(x̃)/|R|.
+    w = ``cos_weight``, r = ``r_weight``, w_R = ``a_r_cos_weight``, s_R = ``a_r_sum_weight``.
+    L_R (L_W) is 0 when R (W) is empty; when C is empty L = mean a_n(x) (mean a_a(x̃)) over the batch.
+    """
+    n_c, n_r, n_w = (_count(m, mi_n_nat) for m in (sel.correct, sel.right, sel.wrong))
+
+    an_x, an_xa = -mi_n_nat, -mi_n_adv
+    an_x_r, an_xa_r = restrict(an_x, sel.right), restrict(an_xa, sel.right)
+    an_x_w, an_xa_w = restrict(an_x, sel.wrong), restrict(an_xa, sel.wrong)
+    c_den = n_c.clamp_min(1)
+    n_r_term = cos_weight * (1 - safe_cosine(an_x_r, an_xa_r)).abs() + an_x_r.sum() / c_den
+    n_w_term = cos_weight * safe_cosine(an_x_w, an_xa_w).abs() + an_x_w.sum() / c_den
+    loss_n = _if_nonempty(n_w, n_w_term) + r_weight * _if_nonempty(n_r, n_r_term)
+    loss_n = torch.where(n_c > 0, loss_n, an_x.mean())
+
+    aa_x, aa_xa = -mi_a_nat, -mi_a_adv
+    aa_x_r, aa_xa_r = restrict(aa_x, sel.right), restrict(aa_xa, sel.right)
+    aa_x_w, aa_xa_w = restrict(aa_x, sel.wrong), restrict(aa_xa, sel.wrong)
+    a_w_term = cos_weight * safe_cosine(aa_xa_w, aa_x_w).abs() + aa_xa_w.sum() / n_w.clamp_min(1)
+    a_r_term = (
+        a_r_cos_weight * (1 - safe_cosine(aa_x_r, aa_xa_r)).abs()
+        - a_r_sum_weight * aa_xa_r.sum() / n_r.clamp_min(1)
+    )
+    loss_a = _if_nonempty(n_w, a_w_term) + r_weight * _if_nonempty(n_r, a_r_term)
+    loss_a = torch.where(n_c > 0, loss_a, aa_xa.mean())
+    return loss_n, loss_a
+
+
+def estimator_loss_paper(
+    mi_n_nat: Tensor, mi_n_adv: Tensor, mi_a_nat: Tensor, mi_a_adv: Tensor, wrong: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """Paper Eq. 5 as losses (loss for E_n, loss for E_a), minimised; 0 when W is empty (§5).
+
+    E_n maximises mean_W Î_n(x, h(x)) − mean_W Î_n(x, h(x̃));
+    E_a maximises mean_W Î_a(n, h(x̃)) − mean_W Î_a(n, h(x))."""
+    loss_n = -(masked_mean(mi_n_nat, wrong) - masked_mean(mi_n_adv, wrong))
+    loss_a = -(masked_mean(mi_a_adv, wrong) - masked_mean(mi_a_nat, wrong))
+    return loss_n, loss_a
+
+
+def estimator_loss_max(
+    mi_n_nat: Tensor, mi_a_adv: Tensor, correct: Tensor, fooled: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """Paper Eq. 4 ("MIM") as losses (loss for E_n, loss for E_a); 0 for an empty set (§5).
+
+    E_n maximises mean_C Î_n(x, h(x)); E_a maximises Î_a(n, h(x̃)) averaged over ``fooled``,
+    the samples whose attack succeeded (pred(x̃) ≠ y, ``utils.patterns.attack_succeeded``)."""
+    return -masked_mean(mi_n_nat, correct), -masked_mean(mi_a_adv, fooled)
+
+
+def namid_loss(
+    mi_n_nat: Tensor,
+    mi_n_adv: Tensor,
+    mi_a_nat: Tensor,
+    mi_a_adv: Tensor,
+    wrong: Tensor,
+    lam: float = 0.1,
+    use_nat: bool = True,
+    use_adv: bool = True,
+    release: bool = False,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Stage-3 MI loss L_mi on W (§6, paper Eq. 7–9); the caller multiplies it by α.
+
+    L_mi = |1 − cos(a_n(x)|W, a_n(x̃)|W)| + |1 − cos(a_a(x)|W, a_a(x̃)|W)|
+           + λ·mean_W[Î_a(n, h(x̃)) − Î_n(x, h(x̃))];   L_mi = 0 when W is empty.
+    ``use_nat=False`` drops the natural-MI terms (the a_n cosine and −Î_n in the λ term),
+    ``use_adv=False`` the adversarial-MI terms (the a_a cosine and Î_a in the λ term): the
+    ablations of Fig. 5. ``release=True`` keeps only the cosines (the release's λ = 0).
+    Returns (L_mi, terms) with detached scalars ``cos_nat``, ``cos_adv``, ``lam_term``
+    (the λ-weighted term) that sum to L_mi; a disabled term is 0."""
+    n_w = _count(wrong, mi_n_nat)
+    zero = restrict(mi_n_nat, wrong).sum() * 0.0  # attached, so L_mi.backward() works with all terms off
+    cos_nat, cos_adv, gap = zero, zero, zero
+    if use_nat:
+        cos_nat = (1 - safe_cosine(restrict(-mi_n_nat, wrong), restrict(-mi_n_adv, wrong))).abs()
+        gap = gap - masked_mean(mi_n_adv, wrong)
+    if use_adv:
+        cos_adv = (1 - safe_cosine(restrict(-mi_a_nat, wrong), restrict(-mi_a_adv, wrong))).abs()
+        gap = gap + masked_mean(mi_a_adv, wrong)
+    lam_term = zero if release else lam * gap
+    # With W empty both cosines are 0, so |1 − cos| would be 1: zero them explicitly.
+    cos_nat, cos_adv, lam_term = (_if_nonempty(n_w, t) for t in (cos_nat, cos_adv, lam_term))
+    loss = cos_nat + cos_adv + lam_term
+    terms = {"cos_nat": cos_nat.detach(), "cos_adv": cos_adv.detach(), "lam_term": lam_term.detach()}
+    return loss, terms
+
+
+_MI_NAMES = ("natural_mi_x", "natural_mi_xadv", "adversarial_mi_x", "adversarial_mi_xadv")
+
+
+class MITable:
+    """Accumulates the Fig. 4 table over batches: mean natural / adversarial MI of x and x̃ on R and W.
+
+    Sums and counts are kept separately, so the result over several batches equals the result
+    on their concatenation. An empty set's means are NaN (there is nothing to average)."""
+
+    def __init__(self):
+        self.sums = {f"{name}_{split}": 0.0 for name in _MI_NAMES for split in ("right", "wrong")}
+        self.n_right = 0
+        self.n_wrong = 0
+
+    @torch.no_grad()
+    def update(
+        self, mi_n_nat: Tensor, mi_n_adv: Tensor, mi_a_nat: Tensor, mi_a_adv: Tensor, sel: Selection
+    ) -> "MITable":
+        for name, values in zip(_MI_NAMES, (mi_n_nat, mi_n_adv, mi_a_nat, mi_a_adv)):
+            for split, mask in (("right", sel.right), ("wrong", sel.wrong)):
+                self.sums[f"{name}_{split}"] += float(restrict(values.double(), mask).sum())
+        self.n_right += int(sel.right.sum())
+        self.n_wrong += int(sel.wrong.sum())
+        return self
+
+    def result(self) -> Dict[str, float]:
+        counts = {"right": self.n_right, "wrong": self.n_wrong}
+        out = {}
+        for key, total in self.sums.items():
+            count = counts[key.rsplit("_", 1)[1]]
+            out[key] = total / count if count else float("nan")
+        out["n_right"] = self.n_right
+        out["n_wrong"] = self.n_wrong
+        return out
+
+
+def mi_table(
+    mi_n_nat: Tensor, mi_n_adv: Tensor, mi_a_nat: Tensor, mi_a_adv: Tensor, sel: Selection
+) -> Dict[str, float]:
+    """The Fig. 4 table (§5) for one batch; use ``MITable`` to accumulate over several."""
+    return MITable().update(mi_n_nat, mi_n_adv, mi_a_nat, mi_a_adv, sel).result()
