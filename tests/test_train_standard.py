@@ -75,10 +75,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, capsys, mon
             raise KeyboardInterrupt
         return real(model, loader, step, *a, **k)
 
-    monkeypatch.setattr(train_standard, "train_epoch", crashing)
+    monkeypatch.setattr(training, "train_epoch", crashing)
     code, _, err = run_script(capsys, "train_standard", [*common, "--model-dir", tmp_path / "part"])
     assert code == 130 and "--resume" in err
-    monkeypatch.setattr(train_standard, "train_epoch", real)
+    monkeypatch.setattr(training, "train_epoch", real)
     code, _, err = run_script(capsys, "train_standard", [*common, "--model-dir", tmp_path / "part", "--resume"])
     assert code == 0, err
 

@@ -118,3 +118,28 @@ def check_non_negative(p: Parser, args: argparse.Namespace, *flags: str) -> None
         value = getattr(args, flag)
         if value is not None and value < 0:
             p.error(f"--{flag.replace('_', '-')} must not be negative, got {value}")
+
+
+def add_estimator_args(p: Parser) -> None:
+    """The MI estimator's flags, with the release's names (PAPER.md §3)."""
+    p.add_argument("--va-mode", default="dv", choices=("dv", "fd", "nce", "jsd"),
+                   help="MI lower bound: dv (Donsker-Varadhan), fd (f-divergence, see --va-fd-measure), nce")
+    p.add_argument("--va-fd-measure", default="JSD", help="f-divergence measure for --va-mode fd (JSD)")
+    p.add_argument("--va-hsize", type=int, default=2048, help="hidden width H of the estimator's 1x1 blocks")
+    p.add_argument("--is-internal", action="store_true",
+                   help="the global net reads the target's layer3 features instead of its logits")
+    p.add_argument("--is-internal-last", action="store_true",
+                   help="the global net reads the target's layer4 features instead of its logits")
+
+
+def finish_estimator_args(p: Parser, args: argparse.Namespace) -> argparse.Namespace:
+    from utils.mi import resolve_mode
+
+    try:
+        args.mi_mode = resolve_mode(args.va_mode, args.va_fd_measure)
+    except ValueError as err:
+        p.error(str(err))
+    if args.is_internal and args.is_internal_last:
+        p.error("--is-internal and --is-internal-last exclude each other")
+    check_positive(p, args, "va_hsize")
+    return args

@@ -310,3 +310,57 @@ def atomic_write_text(path, text: str) -> None:
 def format_metrics(record: dict) -> str:
     keys = [k for k in ("epoch", "lr", "train_loss", "train_acc", "clean_acc", "pgd_acc", "seconds") if k in record]
     return "  ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}" for k in keys)
+
+
+def fit_target(args, model: nn.Module, optimizer, scheduler, run: "Run", train_loader, eval_loader,
+               adversarial_step: Callable, best_file: str) -> None:
+    """The epoch loop of stages 1 and 3.
+
+    ``adversarial_step(x, y, epsilon, step_size)`` returns (loss, logits, scalars). Clean
+    warm-up epochs and the ε ramp come from ``epsilon_at``; each epoch ends with clean and
+    PGD accuracy on the evaluation split and ``run.end_epoch``."""
+    for epoch in range(run.start(), args.epochs + 1):
+        began = time.time()
+        eps = epsilon_at(epoch, args)
+        step_size = args.step_size * eps / args.epsilon
+        if eps > 0:
+            def step(x, y, eps=eps, step_size=step_size):
+                return adversarial_step(x, y, eps, step_size)
+        else:
+            step = cross_entropy_step(model)
+        lr = optimizer.param_groups[0]["lr"]
+        progress = not getattr(args, "no_progress", False)
+        stats = train_epoch(model, train_loader, step, optimizer, f"epoch {epoch}/{args.epochs}", progress)
+        scheduler.step()
+        stats.update(evaluate(model, eval_loader, args.epsilon, args.step_size, args.eval_steps, args.distance,
+                              progress))
+        stats["mean_acc"] = (stats["clean_acc"] + stats["pgd_acc"]) / 2
+        record = run.end_epoch(epoch, {"lr": lr, "train_epsilon": eps, **stats, "seconds": time.time() - began},
+                               best={best_file: model})
+        print(format_metrics(record), flush=True)
+
+
+def setup_target_training(args):
+    """Device, data, a fresh target model, SGD with MultiStepLR, and loaders (stages 1 and 3).
+
+    The training loader shuffles and augments with its own seeded generator, whose state
+    last.pth keeps so a resumed run sees the same batches."""
+    from types import SimpleNamespace
+
+    from models import get_model
+    from utils.data import BatchLoader, load_splits
+
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    splits, info = load_splits(args.dataset, args.data_dir, train_limit=args.train_limit,
+                               test_limit=args.test_limit, val_size=args.val_size, seed=args.seed)
+    model = get_model(args.arch, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_gamma)
+    generator = torch.Generator().manual_seed(args.seed)
+    train_loader = BatchLoader(splits["train"].to(device), args.batch_size, shuffle=True, augment=True, info=info,
+                               device=device, generator=generator)
+    eval_split = splits["val"] if splits["val"] is not None else splits["test"]
+    eval_loader = BatchLoader(eval_split.to(device), args.batch_size, device=device)
+    return SimpleNamespace(device=device, info=info, model=model, optimizer=optimizer, scheduler=scheduler,
+                           generator=generator, train_loader=train_loader, eval_loader=eval_loader)

@@ -1,0 +1,87 @@
+"""Building, feeding, saving and loading the pair of MI estimators (E_n, E_a) of PAPER.md §3.
+
+Files use the release's names: local_n_model.pth, global_n_model.pth, local_a_model.pth,
+global_a_model.pth, each a plain state_dict."""
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from models import feature_shapes
+from models.estimator import MIEstimator, build_estimator
+from utils.training import UserError, atomic_save, load_weights
+
+ESTIMATOR_FILES = {
+    ("natural", "local"): "local_n_model.pth",
+    ("natural", "global"): "global_n_model.pth",
+    ("adversarial", "local"): "local_a_model.pth",
+    ("adversarial", "global"): "global_a_model.pth",
+}
+RELEASE_FLAGS = {
+    ("natural", "local"): "--pre-local-n",
+    ("natural", "global"): "--pre-global-n",
+    ("adversarial", "local"): "--pre-local-a",
+    ("adversarial", "global"): "--pre-global-a",
+}
+
+
+def internal_layer(args) -> Optional[str]:
+    """Which target layer the global nets read: None (logits), "layer3" or "layer4"."""
+    if getattr(args, "is_internal", False):
+        return "layer3"
+    if getattr(args, "is_internal_last", False):
+        return "layer4"
+    return None
+
+
+def build_estimators(args, info, target: nn.Module, device) -> Dict[str, MIEstimator]:
+    """E_n and E_a for this dataset and target, sized by ``--va-hsize`` and the internal flags."""
+    layer = internal_layer(args)
+    shape = None
+    if layer is not None:
+        shape = feature_shapes(target, (info.in_channels, info.image_size, info.image_size))[layer]
+    return {
+        kind: build_estimator(info.in_channels, info.num_classes, args.va_hsize, layer, shape).to(device)
+        for kind in ("natural", "adversarial")
+    }
+
+
+def target_outputs(target: nn.Module, x: torch.Tensor, layer: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass of the target: (logits, what the global nets read)."""
+    if layer is None:
+        logits = target(x)
+        return logits, logits
+    logits, feats = target(x, return_features=True)
+    return logits, feats[layer]
+
+
+def save_estimators(estimators: Dict[str, MIEstimator], model_dir) -> None:
+    for (kind, part), filename in ESTIMATOR_FILES.items():
+        module = estimators[kind].local if part == "local" else estimators[kind].global_
+        atomic_save(module.state_dict(), Path(model_dir) / filename)
+
+
+def estimator_best_files(estimators: Dict[str, MIEstimator]) -> Dict[str, nn.Module]:
+    """The release's four file names mapped to the modules they hold (for ``Run.end_epoch``)."""
+    return {filename: (estimators[kind].local if part == "local" else estimators[kind].global_)
+            for (kind, part), filename in ESTIMATOR_FILES.items()}
+
+
+def load_estimators(estimators: Dict[str, MIEstimator], mi_dir=None, paths: Optional[Dict] = None) -> None:
+    """Load the four files from ``mi_dir``, or from explicit ``paths`` keyed like ESTIMATOR_FILES.
+
+    A file that is missing or does not fit the estimator built from the flags (another H,
+    another internal variant, another dataset) gives a one-line UserError."""
+    for key, filename in ESTIMATOR_FILES.items():
+        explicit = (paths or {}).get(key)
+        if explicit is not None:
+            path, flag = Path(explicit), RELEASE_FLAGS[key]
+        elif mi_dir is not None:
+            path, flag = Path(mi_dir) / filename, "--mi-dir"
+        else:
+            raise UserError(f"no estimator given: pass --mi-dir or {RELEASE_FLAGS[key]}")
+        kind, part = key
+        module = estimators[kind].local if part == "local" else estimators[kind].global_
+        hint = "the estimator built from --va-hsize/--is-internal/--is-internal-last and the dataset"
+        load_weights(module, path, flag, hint)
