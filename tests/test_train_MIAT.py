@@ -1,0 +1,248 @@
+"""train_MIAT.py: the NAMID objective's gradients, forward count and ablations, and short runs."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train_MIAT
+from models import get_model
+from models.estimator import build_estimator
+from tests.helpers import assert_user_error, run_script
+from utils.attacks.pgd import pgd
+from utils.estimators import save_estimators
+
+HSIZE = 16
+BASE = ["--dataset", "synthetic", "--arch", "smallcnn", "--train-limit", "64", "--test-limit", "32",
+        "--batch-size", "32", "--epsilon", "0.1", "--num-steps", "2", "--eval-steps", "1", "--epochs", "1",
+        "--va-hsize", str(HSIZE), "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def mi_dir(tmp_path_factory):
+    """Random estimators for a 3×32×32, 10-class target, saved under the release's names."""
+    folder = tmp_path_factory.mktemp("mi")
+    torch.manual_seed(0)
+    save_estimators({k: build_estimator(3, 10, HSIZE) for k in ("natural", "adversarial")}, folder)
+    std = build_estimator(3, 10, HSIZE)
+    torch.save(std.local.state_dict(), folder / "local_std_model.pth")
+    torch.save(std.global_.state_dict(), folder / "global_std_model.pth")
+    return folder
+
+
+def objective_args(**overrides):
+    args = dict(adv_loss="ce", beta=6.0, alpha=5.0, lam=0.1, no_adv_mi=False, no_nat_mi=False, release_loss=False,
+                mi_mode="dv", is_internal=False, is_internal_last=False)
+    args.update(overrides)
+    return SimpleNamespace(**args)
+
+
+def setup(seed=0, n=16):
+    torch.manual_seed(seed)
+    model = get_model("smallcnn", 10, 3)
+    # SmallCNN's last layer starts at zero (TRADES' init): give it varied predictions.
+    torch.nn.init.normal_([m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].weight)
+    est_n, est_a = (train_MIAT.freeze(build_estimator(3, 10, HSIZE)) for _ in range(2))
+    x = torch.rand(n, 3, 32, 32)
+    y = torch.randint(0, 10, (n,))
+    return model, est_n, est_a, x, y
+
+
+def wrong_batch(model, x):
+    """Samples whose eval-mode prediction changes under noise, labelled by the prediction on x: W is all of them."""
+    model.eval()
+    x_adv = (x + 0.3 * torch.rand_like(x)).clamp(0, 1)
+    with torch.no_grad():
+        p_nat = model(x).argmax(1)
+        p_adv = model(x_adv).argmax(1)
+    keep = p_nat != p_adv
+    return x[keep], x_adv[keep], p_nat[keep]
+
+
+def test_forward_count_is_two_plus_attack():
+    model, est_n, est_a, x, y = setup()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    model.train()
+    x_adv = pgd(model, x, y, 0.1, 0.025, 3, "linf")
+    assert len(calls) == 3
+    calls.clear()
+    train_MIAT.namid_objective(model, est_n, est_a, x, x_adv, y, objective_args(adv_loss="trades"))
+    assert len(calls) == 2  # the release ran the target seven times per step
+
+
+def test_local_nets_see_each_pattern_once():
+    model, est_n, est_a, x, y = setup()
+    counts = {"n": 0, "a": 0}
+    est_n.local.register_forward_hook(lambda *a: counts.__setitem__("n", counts["n"] + 1))
+    est_a.local.register_forward_hook(lambda *a: counts.__setitem__("a", counts["a"] + 1))
+    train_MIAT.namid_objective(model, est_n, est_a, x, (x + 0.05).clamp(0, 1), y, objective_args())
+    assert counts == {"n": 1, "a": 1}
+
+
+def test_gradients_reach_theta_only_through_the_global_nets(monkeypatch):
+    torch.manual_seed(3)
+    model, est_n, est_a, x, _ = setup(n=64)
+    x, x_adv, y = wrong_batch(model, x)
+    assert len(y) >= 4
+    args = objective_args(alpha=1.0)
+    _, _, extra = train_MIAT.namid_objective(model, est_n, est_a, x, x_adv, y, args)
+    assert extra["w_size"] == len(y)
+
+    def grads(alpha):
+        model.zero_grad()
+        args.alpha = alpha
+        loss, _, _ = train_MIAT.namid_objective(model, est_n, est_a, x, x_adv, y, args)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    def mi_grad():
+        return grads(1.0) - grads(0.0)  # the MI part alone
+
+    assert mi_grad().abs().sum() > 0
+    assert all(p.grad is None for p in est_n.parameters()) and all(p.grad is None for p in est_a.parameters())
+    # Cut the global branch: no MI gradient may reach θ any other way.
+    real = train_MIAT.target_outputs
+    monkeypatch.setattr(train_MIAT, "target_outputs", lambda m, v, layer: tuple(t.detach() if i else t for i, t in
+                                                                              enumerate(real(m, v, layer))))
+    assert mi_grad().abs().max() < 1e-6
+
+
+def test_estimators_unchanged_by_a_training_step():
+    model, est_n, est_a, x, y = setup()
+    before = [{k: v.clone() for k, v in e.state_dict().items()} for e in (est_n, est_a)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    x_adv = pgd(model, x, y, 0.1, 0.025, 2, "linf")
+    loss, _, _ = train_MIAT.namid_objective(model, est_n, est_a, x, x_adv, y, objective_args())
+    loss.backward()
+    opt.step()
+    for est, state in zip((est_n, est_a), before):
+        assert not est.training
+        for k, v in est.state_dict().items():
+            assert torch.equal(v, state[k]), k
+
+
+def test_empty_w_gives_zero_mi_loss():
+    model, est_n, est_a, x, _ = setup()
+    model.train()
+    with torch.no_grad():
+        y = (model(x).argmax(1) + 1) % 10  # nothing is correct, so W is empty
+    loss, _, extra = train_MIAT.namid_objective(model, est_n, est_a, x, (x + 0.05).clamp(0, 1), y, objective_args())
+    assert extra["w_size"] == 0 and extra["l_mi"] == 0
+    assert torch.isfinite(loss) and torch.allclose(loss.detach(), extra["l_adv"])
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_each_ablation_removes_exactly_its_terms():
+    torch.manual_seed(5)
+    model, est_n, est_a, x, _ = setup(n=64)
+    x, x_adv, y = wrong_batch(model, x)
+    model.eval()  # the same logits for every variant
+
+    def terms(**flags):
+        return train_MIAT.namid_objective(model, est_n, est_a, x, x_adv, y, objective_args(**flags))[2]
+
+    full = terms()
+    assert full["cos_nat"] > 0 and full["cos_adv"] > 0 and full["lam_term"] != 0
+    no_adv, no_nat = terms(no_adv_mi=True), terms(no_nat_mi=True)
+    assert no_adv["cos_adv"] == 0 and torch.allclose(no_adv["cos_nat"], full["cos_nat"])
+    assert no_nat["cos_nat"] == 0 and torch.allclose(no_nat["cos_adv"], full["cos_adv"])
+    # the λ term splits into its adversarial and natural halves
+    assert torch.allclose(no_adv["lam_term"] + no_nat["lam_term"], full["lam_term"], atol=1e-6)
+    for variant in (terms(lam=0.0), terms(release_loss=True)):
+        assert variant["lam_term"] == 0
+        assert torch.allclose(variant["cos_nat"], full["cos_nat"])
+        assert torch.allclose(variant["cos_adv"], full["cos_adv"])
+    total = train_MIAT.namid_objective(model, est_n, est_a, x, x_adv, y, objective_args())
+    assert torch.allclose(total[0], full["l_adv"] + 5.0 * (full["cos_nat"] + full["cos_adv"] + full["lam_term"]))
+
+
+VARIANTS = {
+    "namid": [],
+    "namid-t": ["--adv-loss", "trades"],
+    "namid-m": ["--adv-loss", "mart"],
+    "no-adv-mi": ["--no-adv-mi"],
+    "no-nat-mi": ["--no-nat-mi"],
+    "lam0": ["--lam", "0"],
+    "release": ["--release-loss"],
+    "wmim": ["--method", "wmim"],
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_short_run_of_every_variant_writes_its_files(variant, mi_dir, tmp_path, capsys):
+    out = tmp_path / variant
+    code, _, err = run_script(capsys, "train_MIAT", [*BASE, *VARIANTS[variant], "--mi-dir", mi_dir,
+                                                     "--model-dir", out])
+    assert code == 0, err
+    for name in ("target_model.pth", "last.pth", "config.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"clean_acc", "pgd_acc", "train_loss", "l_adv"} <= set(record)
+    if variant != "wmim":
+        assert {"cos_nat", "cos_adv", "lam_term", "w_size", "l_mi"} <= set(record)
+    else:
+        assert "standard_mi" in record
+    torch.load(out / "target_model.pth", weights_only=True)
+
+
+def test_release_flags_load_the_four_files(mi_dir, tmp_path, capsys):
+    flags = []
+    for flag, name in (("--pre-local-n", "local_n_model.pth"), ("--pre-global-n", "global_n_model.pth"),
+                       ("--pre-local-a", "local_a_model.pth"), ("--pre-global-a", "global_a_model.pth")):
+        flags += [flag, mi_dir / name]
+    code, _, err = run_script(capsys, "train_MIAT", [*BASE, *flags, "--model-dir", tmp_path])
+    assert code == 0, err
+
+
+def test_warm_up_epochs_train_clean_first(mi_dir, tmp_path, capsys):
+    argv = [*BASE, "--epochs", "2", "--warm-up-epochs", "1", "--mi-dir", mi_dir, "--model-dir", tmp_path]
+    code, _, err = run_script(capsys, "train_MIAT", argv)
+    assert code == 0, err
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["train_epsilon"] == 0 and "l_mi" not in lines[0]
+    assert lines[1]["train_epsilon"] == pytest.approx(0.1) and "l_mi" in lines[1]
+
+
+def test_missing_estimator_file(mi_dir, tmp_path, capsys):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "local_n_model.pth").write_bytes((mi_dir / "local_n_model.pth").read_bytes())
+    result = run_script(capsys, "train_MIAT", [*BASE, "--mi-dir", partial, "--model-dir", tmp_path / "m"])
+    assert_user_error(result, "--mi-dir", "global_n_model.pth")
+
+
+def test_estimator_of_another_width(mi_dir, tmp_path, capsys):
+    argv = [*BASE, "--va-hsize", "8", "--mi-dir", mi_dir, "--model-dir", tmp_path]
+    assert_user_error(run_script(capsys, "train_MIAT", argv), "--mi-dir", "--va-hsize")
+
+
+def test_estimator_of_another_internal_variant(mi_dir, tmp_path, capsys):
+    argv = [*BASE, "--is-internal", "--mi-dir", mi_dir, "--model-dir", tmp_path]
+    assert_user_error(run_script(capsys, "train_MIAT", argv), "--mi-dir", "global_n_model.pth")
+
+
+def test_not_a_checkpoint(mi_dir, tmp_path, capsys):
+    (tmp_path / "bad.pth").write_text("nope")
+    flags = ["--pre-local-n", tmp_path / "bad.pth", "--pre-global-n", mi_dir / "global_n_model.pth",
+             "--pre-local-a", mi_dir / "local_a_model.pth", "--pre-global-a", mi_dir / "global_a_model.pth"]
+    assert_user_error(run_script(capsys, "train_MIAT", [*BASE, *flags, "--model-dir", tmp_path / "m"]),
+                      "--pre-local-n")
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--alpha", "-1"], "--alpha"),
+    ([], "--mi-dir"),
+    (["--no-adv-mi", "--no-nat-mi", "--mi-dir", "x"], "--no-adv-mi"),
+    (["--va-mode", "mine", "--mi-dir", "x"], "--va-mode"),
+])
+def test_bad_flags(argv, fragment, tmp_path, capsys):
+    assert_user_error(run_script(capsys, "train_MIAT", [*BASE, *argv, "--model-dir", tmp_path]), fragment)
+
+
+def test_paper_defaults():
+    args = train_MIAT.parse_args(["--mi-dir", "x"])
+    assert (args.alpha, args.lam, args.adv_loss, args.method, args.warm_up_epochs) == (5.0, 0.1, "ce", "namid", 0)
+    assert args.epsilon == pytest.approx(8 / 255) and args.num_steps == 10 and args.mi_mode == "dv"

@@ -1,0 +1,166 @@
+"""Stage 3: train a fresh target model with NAMID (PAPER.md §6, paper Eq. 7–9, Algorithm 1).
+
+L_all = L_adv + α·L_mi with the stage-2 estimators frozen. ``--adv-loss`` picks NAMID (ce),
+NAMID-T (trades) or NAMID-M (mart); ``--no-adv-mi``, ``--no-nat-mi`` and ``--lam 0`` are the
+ablations of Fig. 5; ``--method wmim`` is the WMIM baseline. Writes target_model.pth,
+last.pth, config.json and metrics.jsonl to --model-dir."""
+from pathlib import Path
+
+import torch
+
+from models import feature_shapes
+from models.estimator import build_estimator
+from utils.attacks.pgd import pgd
+from utils.cli import (
+    Parser,
+    add_attack_args,
+    add_data_args,
+    add_estimator_args,
+    add_model_args,
+    add_optim_args,
+    add_run_args,
+    check_non_negative,
+    check_positive,
+    finish_attack_args,
+    finish_estimator_args,
+)
+from utils.estimators import build_estimators, internal_layer, load_estimators, target_outputs
+from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS, adversarial_loss
+from utils.mi import mi_per_sample
+from utils.mi_objectives import namid_loss
+from utils.patterns import select_samples, split_patterns
+from utils.training import Run, fit_target, load_weights, run_main, setup_target_training
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.splitlines()[0])
+    add_data_args(p)
+    add_model_args(p)
+    p.add_argument("--method", default="namid", choices=("namid", "wmim"),
+                   help="namid: the paper's defense; wmim: AT plus maximising Î(x̃; h(x̃)) (baseline)")
+    p.add_argument("--adv-loss", default="ce", choices=ADV_LOSSES,
+                   help="L_adv: ce (NAMID), trades (NAMID-T), mart (NAMID-M)")
+    p.add_argument("--beta", type=float, default=6.0, help="TRADES / MART trade-off β")
+    p.add_argument("--alpha", type=float, default=5.0, help="weight α of the MI loss (Eq. 9)")
+    p.add_argument("--lam", type=float, default=0.1, help="weight λ of the MI-gap term (Eq. 8); 0 is ablation (iii)")
+    p.add_argument("--no-adv-mi", action="store_true", help="drop the adversarial-MI terms: ablation (i)")
+    p.add_argument("--no-nat-mi", action="store_true", help="drop the natural-MI terms: ablation (ii)")
+    p.add_argument("--release-loss", action="store_true",
+                   help="the release's loss: L_adv + α·(the two cosine terms), no λ term")
+    p.add_argument("--mi-dir", default=None,
+                   help="folder with the stage-2 files (NAMID: local/global_{n,a}_model.pth; "
+                        "WMIM: local/global_std_model.pth)")
+    for flag, what in (("--pre-local-n", "local net of E_n"), ("--pre-global-n", "global net of E_n"),
+                       ("--pre-local-a", "local net of E_a"), ("--pre-global-a", "global net of E_a")):
+        p.add_argument(flag, default=None, help=f"the {what} (the release's flag; overrides --mi-dir)")
+    add_estimator_args(p)
+    # The paper's PGD-10 with step ε/4; the release's stage 3 used 40 steps of 0.007.
+    add_attack_args(p)
+    add_optim_args(p)
+    add_run_args(p, model_dir="checkpoints/namid")
+    p.add_argument("--select-by", default="mean_acc", choices=("pgd_acc", "mean_acc"),
+                   help="metric that picks target_model.pth: (clean + PGD)/2 as the release, or PGD accuracy")
+    args = p.parse_args(argv)
+    finish_attack_args(p, args)
+    finish_estimator_args(p, args)
+    check_positive(p, args, "epochs", "batch_size", "lr")
+    check_non_negative(p, args, "alpha", "lam", "beta", "weight_decay", "warm_up_epochs", "epsilon_ramp_epochs",
+                       "save_freq", "val_size")
+    if args.no_adv_mi and args.no_nat_mi:
+        p.error("--no-adv-mi and --no-nat-mi together leave no MI term; train with train_standard.py instead")
+    explicit = [args.pre_local_n, args.pre_global_n, args.pre_local_a, args.pre_global_a]
+    if args.mi_dir is None and not all(explicit):
+        p.error("the estimators are missing: pass --mi-dir or all four of --pre-local-n/--pre-global-n/"
+                "--pre-local-a/--pre-global-a")
+    return args
+
+
+def load_standard_estimator(args, info, target, device):
+    """The WMIM estimator: trained by train_MI_estimator_only_max.py --standard-mi."""
+
+
+    layer = internal_layer(args)
+    shape = feature_shapes(target, (info.in_channels, info.image_size, info.image_size))[layer] if layer else None
+    estimator = build_estimator(info.in_channels, info.num_classes, args.va_hsize, layer, shape).to(device)
+    hint = "the estimator built from --va-hsize/--is-internal/--is-internal-last and the dataset"
+    load_weights(estimator.local, Path(args.mi_dir) / "local_std_model.pth", "--mi-dir", hint)
+    load_weights(estimator.global_, Path(args.mi_dir) / "global_std_model.pth", "--mi-dir", hint)
+    return estimator
+
+
+def freeze(module):
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def namid_objective(model, est_n, est_a, x, x_adv, y, args):
+    """L_all = L_adv + α·L_mi (Eq. 9) for one batch, with the model in train mode.
+
+    One forward of x and one of x̃ serve L_adv, the selection of W and all four MI terms; the
+    frozen local nets see x and n once each, without gradient, so θ is trained through the
+    global nets only. Returns (L_all, logits of x̃, per-batch scalars to log)."""
+    layer = internal_layer(args)
+    use_nat, use_adv = not args.no_nat_mi, not args.no_adv_mi
+    logits_nat, g_nat = target_outputs(model, x, layer)
+    logits_adv, g_adv = target_outputs(model, x_adv, layer)
+    l_adv = adversarial_loss(args.adv_loss, logits_adv, y, logits_nat, args.beta)
+    wrong = select_samples(logits_nat.detach(), logits_adv.detach(), y).wrong
+    natural, noise = split_patterns(x, x_adv)
+    mi_n_nat = mi_n_adv = mi_a_nat = mi_a_adv = torch.zeros(y.shape[0], device=y.device)
+    with torch.no_grad():
+        local_n = est_n.local(natural) if use_nat else None
+        local_a = est_a.local(noise) if use_adv else None
+    if use_nat:
+        mi_n_nat = mi_per_sample(local_n, est_n.global_(g_nat), args.mi_mode)
+        mi_n_adv = mi_per_sample(local_n, est_n.global_(g_adv), args.mi_mode)
+    if use_adv:
+        mi_a_nat = mi_per_sample(local_a, est_a.global_(g_nat), args.mi_mode)
+        mi_a_adv = mi_per_sample(local_a, est_a.global_(g_adv), args.mi_mode)
+    l_mi, terms = namid_loss(mi_n_nat, mi_n_adv, mi_a_nat, mi_a_adv, wrong, lam=args.lam, use_nat=use_nat,
+                             use_adv=use_adv, release=args.release_loss)
+    extra = {"l_adv": l_adv.detach(), "l_mi": l_mi.detach(), **terms, "w_size": wrong.sum().float()}
+    return l_adv + args.alpha * l_mi, logits_adv, extra
+
+
+def wmim_loss(model, standard, x, x_adv, y, args):
+    """WMIM (after Zhu et al. 2020): L_adv − α · mean Î(x̃; h(x̃)) with a frozen standard-MI estimator."""
+    layer = internal_layer(args)
+    logits_nat = target_outputs(model, x, layer)[0] if args.adv_loss != "ce" else None
+    logits_adv, g_adv = target_outputs(model, x_adv, layer)
+    l_adv = adversarial_loss(args.adv_loss, logits_adv, y, logits_nat, args.beta)
+    with torch.no_grad():
+        local = standard.local(x_adv)
+    standard_mi = mi_per_sample(local, standard.global_(g_adv), args.mi_mode).mean()
+    extra = {"l_adv": l_adv.detach(), "standard_mi": standard_mi.detach()}
+    return l_adv - args.alpha * standard_mi, logits_adv, extra
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t = setup_target_training(args)
+    model = t.model
+    if args.method == "wmim":
+        standard = freeze(load_standard_estimator(args, t.info, model, t.device))
+    else:
+        estimators = build_estimators(args, t.info, model, t.device)
+        load_estimators(estimators, args.mi_dir, {
+            ("natural", "local"): args.pre_local_n, ("natural", "global"): args.pre_global_n,
+            ("adversarial", "local"): args.pre_local_a, ("adversarial", "global"): args.pre_global_a})
+        est_n, est_a = (freeze(estimators[k]) for k in ("natural", "adversarial"))
+    run = Run(args, {"model": model, "optimizer": t.optimizer, "scheduler": t.scheduler}, t.generator, args.select_by)
+    attack_loss, start = ATTACK_FOR_LOSS[args.adv_loss]
+
+    def adversarial_step(x, y, eps, step_size):
+        x_adv = pgd(model, x, y, eps, step_size, args.num_steps, args.distance, attack_loss, start)
+        if args.method == "wmim":
+            return wmim_loss(model, standard, x, x_adv, y, args)
+        return namid_objective(model, est_n, est_a, x, x_adv, y, args)
+
+    fit_target(args, model, t.optimizer, t.scheduler, run, t.train_loader, t.eval_loader, adversarial_step,
+               "target_model.pth")
+
+
+if __name__ == "__main__":
+    run_main(main)
