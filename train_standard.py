@@ -39,6 +39,13 @@ def parse_args(argv=None):
     return args
 
 
+def standard_objective(model, x, x_adv, y, args):
+    """L_adv for one batch in train mode: x̃ goes through the model once, x only for TRADES/MART."""
+    logits_nat = model(x) if needs_natural_logits(args.loss) else None
+    logits_adv = model(x_adv)
+    return adversarial_loss(args.loss, logits_adv, y, logits_nat, args.beta), logits_adv, {}
+
+
 def main(argv=None):
     args = parse_args(argv)
     t = setup_target_training(args)
@@ -48,9 +55,7 @@ def main(argv=None):
 
     def adversarial_step(x, y, eps, step_size):
         x_adv = pgd(model, x, y, eps, step_size, args.num_steps, args.distance, attack_loss, start)
-        logits_nat = model(x) if needs_natural_logits(args.loss) else None
-        logits_adv = model(x_adv)
-        return adversarial_loss(args.loss, logits_adv, y, logits_nat, args.beta), logits_adv, {}
+        return standard_objective(model, x, x_adv, y, args)
 
     fit_target(args, model, t.optimizer, t.scheduler, run, t.train_loader, t.eval_loader, adversarial_step,
                "best_model.pth")
