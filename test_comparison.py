@@ -1,0 +1,329 @@
+"""Compare trained models under the paper's attacks (PAPER.md §7): accuracy (%) per attack.
+
+Prints a Markdown table (one row per model: clean, each attack, and the per-example worst
+case over all attacks) and writes it as JSON (--out) and Markdown (--md). Every attack runs
+on the same first --n-examples test images. With --surrogate the attacks are crafted on the
+surrogate and only transferred to the models (black-box). Trust checks warn on stderr."""
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from models import MODEL_NAMES, get_model
+from utils.attacks.autoattack import VERSIONS as AA_VERSIONS
+from utils.attacks.registry import GROUPS, build_attack, expand_attack_names
+from utils.cli import Parser, add_data_args, check_positive, number
+from utils.evaluation import (
+    Evaluation,
+    Report,
+    attack_settings,
+    first_examples,
+    format_epsilon,
+    markdown_table,
+    plot_sweep,
+    results_json,
+    sweep_table,
+)
+from utils.training import UserError, atomic_write_text, load_weights, resolve_device, run_main, seed_everything
+
+DEFAULT_ATTACKS = "pgd40,aa"
+DEFAULT_ARCH = "resnet18"
+DEFAULT_SURROGATE_ARCH = "vgg19"
+# What --model-dir holds: stage 3 writes target_model.pth, stage 1 best_model.pth.
+MODEL_DIR_FILES = ("target_model.pth", "best_model.pth")
+
+EPILOG = f"""\
+models: each --checkpoint/--model-dir adds a model; the --name and --arch that follow it
+(before the next --checkpoint/--model-dir) belong to it. --name/--arch given before the
+first model apply to every model. Example:
+  --checkpoint std/best_model.pth --name standard --arch resnet18 \\
+  --model-dir runs/namid --name NAMID
+attacks: pgdK, l2-pgdK, fwaK (K steps), aa, tidim, mifgsm, cw, ddn; groups
+{', '.join(f'{g} = {"+".join(v)}' for g, v in GROUPS.items())}.
+epsilon: without --epsilon each attack takes its norm's default (8/255 L-inf, 0.5 L2; FWA's
+Wasserstein radius as the registry sets it); --epsilon sets ONE value for every attack.
+CW and DDN are minimum-norm attacks and count as successful only within epsilon."""
+
+
+class _AddModel(argparse.Action):
+    """--checkpoint / --model-dir: start a new model entry."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        models = list(getattr(namespace, "models", None) or [])
+        models.append({"flag": self.option_strings[0], "path": value, "name": None, "arch": None})
+        namespace.models = models
+
+
+class _ModelField(argparse.Action):
+    """--name / --arch: set on the latest model, or as the default before any model."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        models = getattr(namespace, "models", None)
+        if models:
+            if models[-1][self.dest] is not None:
+                parser.error(f"{option_string} given twice for {models[-1]['flag']} {models[-1]['path']}")
+            models[-1][self.dest] = value
+            return
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice before the first --checkpoint/--model-dir")
+        setattr(namespace, self.dest, value)
+
+
+def _epsilon_list(text: str):
+    values = [number(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("an empty list")
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"budgets must not be negative: {text!r}")
+    return sorted(set(values))
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout; shows a default only where there is one to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" not in text and action.option_strings and action.default is not None \
+                and action.default is not False and action.default is not argparse.SUPPRESS:
+            text += " (default: %(default)s)"
+        return text
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.splitlines()[0], epilog=EPILOG, formatter_class=_Formatter)
+    # Models.
+    p.add_argument("--model-dir", dest="models", action=_AddModel, default=None, metavar="DIR",
+                   help=f"evaluate DIR/{MODEL_DIR_FILES[0]}, or DIR/{MODEL_DIR_FILES[1]} when the former is absent "
+                        "(repeatable)")
+    p.add_argument("--checkpoint", dest="models", action=_AddModel, metavar="PATH",
+                   help="evaluate this state_dict (repeatable)")
+    p.add_argument("--name", action=_ModelField, default=None, metavar="LABEL",
+                   help="label of the preceding model in the table (default: its file stem or folder name)")
+    p.add_argument("--arch", action=_ModelField, default=None, choices=MODEL_NAMES, metavar="ARCH",
+                   help=f"architecture of the preceding model, one of {', '.join(MODEL_NAMES)} "
+                        f"(default: {DEFAULT_ARCH})")
+    p.add_argument("--surrogate", default=None, metavar="PATH",
+                   help="black-box transfer: craft every attack on this model and evaluate the models on the "
+                        "result; the models are never asked for a gradient")
+    p.add_argument("--surrogate-arch", default=None, choices=MODEL_NAMES, metavar="ARCH",
+                   help=f"architecture of --surrogate (default: {DEFAULT_SURROGATE_ARCH}, the paper's)")
+    # Attacks.
+    p.add_argument("--attacks", default=DEFAULT_ATTACKS,
+                   help="comma list of attacks or groups; the default is the paper's PGD-40 and AutoAttack at "
+                        "L-inf 8/255, 'all' runs the whole suite of its §7")
+    p.add_argument("--epsilon", type=number, default=None,
+                   help="ONE budget for every attack, e.g. 8/255 (default: per attack, 8/255 L-inf, 0.5 L2)")
+    p.add_argument("--aa-version", default="standard", choices=AA_VERSIONS,
+                   help="AutoAttack version: standard (the paper's), plus, rand, custom, release (40 iterations)")
+    p.add_argument("--eps-sweep", type=_epsilon_list, default=None, metavar="EPS_LIST",
+                   help="also measure accuracy at each of these budgets, e.g. 0,2/255,4/255,8/255,16/255, "
+                        "and plot it against epsilon")
+    p.add_argument("--sweep-attacks", default=None,
+                   help="attacks for --eps-sweep, all of one norm (default: those of --attacks with an Lp budget "
+                        "and the norm of the first of them, except aa, which is slow)")
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help="PNG for --eps-sweep (default: <out stem>_eps_sweep.png next to --out, else eps_sweep.png)")
+    # Data and run.
+    add_data_args(p)
+    p.add_argument("--n-examples", type=int, default=None,
+                   help="evaluate the first N test images, in order (default: the whole test split; "
+                        "--test-limit instead takes a seeded random subset, before --n-examples)")
+    p.add_argument("--batch-size", type=int, default=256, help="examples per attack batch")
+    p.add_argument("--seed", type=int, default=0,
+                   help="reseeded before every attack, so no result depends on what ran before it")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the results, settings and timings as JSON")
+    p.add_argument("--md", default=None, metavar="FILE", help="also write the Markdown tables to FILE")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    args = p.parse_args(argv)
+    if not args.models:
+        p.error("no model to evaluate: give --model-dir DIR or --checkpoint PATH")
+    if args.surrogate_arch is not None and args.surrogate is None:
+        p.error("--surrogate-arch needs --surrogate")
+    check_positive(p, args, "batch_size", "n_examples", "epsilon")
+    try:
+        args.attack_names = expand_attack_names(args.attacks)
+        args.sweep_names = expand_attack_names(args.sweep_attacks) if args.sweep_attacks else None
+    except ValueError as err:
+        p.error(str(err))
+    if not args.attack_names:
+        p.error("--attacks names no attack")
+    if args.sweep_attacks is not None and args.eps_sweep is None:
+        p.error("--sweep-attacks needs --eps-sweep")
+    return args
+
+
+def build_attacks(names, args):
+    options = {"aa": {"version": args.aa_version, "seed": args.seed}}
+    return [build_attack(n, epsilon=args.epsilon, **options.get(n, {})) for n in names]
+
+
+def sweep_attacks(args, attacks):
+    """The attacks of the ε sweep: explicit, or the table's Lp attacks of one norm (not aa)."""
+    if args.eps_sweep is None:
+        return []
+    if args.sweep_names:
+        chosen = build_attacks(args.sweep_names, args)
+    else:
+        lp = [a for a in attacks if a.budget in ("linf", "l2") and a.name != "aa"]
+        chosen = [a for a in lp if a.norm == lp[0].norm] if lp else []
+        if not chosen:
+            raise UserError("--eps-sweep: no attack of --attacks has an Lp budget to sweep (aa is left out "
+                            "as too slow); name them with --sweep-attacks")
+    if any(a.budget == "wasserstein" for a in chosen):
+        raise UserError("--sweep-attacks: FWA's budget is a Wasserstein radius, not on the scale of an Lp sweep")
+    if len({a.norm for a in chosen}) > 1:
+        raise UserError("--sweep-attacks: " + ", ".join(f"{a.name} ({a.norm})" for a in chosen)
+                        + " measure epsilon in different norms; sweep one norm at a time")
+    return chosen
+
+
+def resolve_models(args):
+    """One dict per model (name, arch, path, flag), --model-dir resolved to its file, names unique."""
+    out = []
+    for m in args.models:
+        path = Path(m["path"])
+        if m["flag"] == "--model-dir":
+            if not path.is_dir():
+                raise UserError(f"--model-dir: {path} is not a directory")
+            found = [path / f for f in MODEL_DIR_FILES if (path / f).is_file()]
+            if not found:
+                raise UserError(f"--model-dir: neither {' nor '.join(str(path / f) for f in MODEL_DIR_FILES)} exists")
+            file = found[0]
+            default_name = path.resolve().name
+        else:
+            file = path
+            default_name = path.stem
+        out.append({"name": m["name"] or args.name, "default": default_name, "arch": m["arch"] or args.arch
+                    or DEFAULT_ARCH, "path": file, "flag": m["flag"], "given": str(m["path"])})
+    stems = [m["default"] for m in out]
+    for m in out:
+        if m["name"] is None:
+            # File stems such as best_model clash between runs; then the path says which is which.
+            m["name"] = m["default"] if stems.count(m["default"]) == 1 else m["given"]
+    names = [m["name"] for m in out]
+    for name in names:
+        if names.count(name) > 1:
+            raise UserError(f"--name: two models are called {name!r}; label each with --name")
+    return out
+
+
+def load_model(arch, path, flag, info, device):
+    model = get_model(arch, num_classes=info.num_classes, in_channels=info.in_channels)
+    load_weights(model, path, flag, f"--arch {arch} ({info.num_classes} classes, {info.in_channels} channels)")
+    return model.to(device).eval()
+
+
+def versions():
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("pyautoattack", "numpy"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                           capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+def caption(args, n, dataset, attacks, surrogate_arch):
+    eps = ", ".join(f"{a.name} {format_epsilon(a.epsilon, a.norm)} ({a.budget})" for a in attacks)
+    mode = (f"black-box, crafted on the surrogate {surrogate_arch} ({args.surrogate})" if args.surrogate
+            else "white-box")
+    return (f"Accuracy (%) on the first {n} test images of {dataset}; {mode}. ε: {eps}. "
+            "Worst case: correct under every attack, per example.")
+
+
+def default_plot_path(args) -> Path:
+    if args.plot:
+        return Path(args.plot)
+    if args.out:
+        out = Path(args.out)
+        return out.with_name(out.stem + "_eps_sweep.png")
+    return Path("eps_sweep.png")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        attacks = build_attacks(args.attack_names, args)
+    except ValueError as err:
+        raise UserError(f"--attacks: {err}") from None
+    sweeps = sweep_attacks(args, attacks)
+    specs = resolve_models(args)
+    if args.surrogate and not Path(args.surrogate).is_file():
+        raise UserError(f"--surrogate: no checkpoint at {args.surrogate}")
+
+    from utils.data import load_splits  # torchvision is slow to import; --help and flag errors need none of it
+
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    splits, info = load_splits(args.dataset, args.data_dir, train_limit=args.train_limit,
+                               test_limit=args.test_limit, val_size=args.val_size, seed=args.seed)
+    test = splits["test"]
+    if args.n_examples is not None and args.n_examples > len(test):
+        raise UserError(f"--n-examples {args.n_examples} exceeds the {len(test)} test images of {info.name}")
+    split = first_examples(test, args.n_examples)
+
+    targets = {s["name"]: load_model(s["arch"], s["path"], s["flag"], info, device) for s in specs}
+    surrogate_arch = args.surrogate_arch or DEFAULT_SURROGATE_ARCH
+    surrogate = load_model(surrogate_arch, args.surrogate, "--surrogate", info, device) if args.surrogate else None
+
+    report = Report()
+    if args.epsilon is not None and len({a.norm for a in attacks}) > 1:
+        report.warn(f"--epsilon {args.epsilon:.4g} applies to L-inf and L2 attacks alike; "
+                    "the budgets of the two norms differ by an order of magnitude")
+    engine = Evaluation(targets, split, batch_size=args.batch_size, device=device, surrogate=surrogate,
+                        seed=args.seed, progress=not args.no_progress, report=report)
+    results = engine.run(attacks, sweeps, args.eps_sweep or ())
+    engine.trust_checks(attacks)
+    ordered = [results[s["name"]] for s in specs]
+
+    text = markdown_table(ordered, [a.name for a in attacks]) + "\n\n" + caption(
+        args, len(split), info.name, attacks, surrogate_arch) + "\n"
+    plot = None
+    if sweeps:
+        text += "\nAccuracy (%) against ε:\n\n" + sweep_table(ordered, sweeps) + "\n"
+        plot = plot_sweep(ordered, sweeps, default_plot_path(args), f"{info.name}, first {len(split)} test images")
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.md, text)
+    if args.out:
+        info_by_name = {s["name"]: {"arch": s["arch"], "checkpoint": str(s["path"])} for s in specs}
+        payload = {
+            "settings": {
+                "dataset": info.name, "data_dir": args.data_dir, "n_examples": len(split),
+                "examples": "first N of the test split" + (" (after --test-limit)" if args.test_limit else ""),
+                "test_limit": args.test_limit, "batch_size": args.batch_size, "seed": args.seed,
+                "device": str(device), "mode": "transfer" if surrogate is not None else "white-box",
+                "surrogate": ({"checkpoint": args.surrogate, "arch": surrogate_arch} if surrogate is not None
+                              else None),
+                "aa_version": args.aa_version, "epsilon_flag": args.epsilon,
+                "seconds": "wall time per model and attack; in transfer mode each attack is crafted once on the "
+                           "surrogate and that time is included in every model's",
+                "attacks": attack_settings(attacks),
+                "eps_sweep": ({"epsilons": args.eps_sweep,
+                               "attacks": {a.name: {"norm": a.norm, "minimum_norm": a.minimum_norm} for a in sweeps},
+                               "plot": str(plot)} if sweeps else None),
+                "versions": versions(), "argv": list(sys.argv[1:] if argv is None else argv),
+            },
+            **results_json(ordered, attacks, info_by_name, sweeps),
+            "warnings": list(report.messages),
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    run_main(main)
