@@ -1,0 +1,82 @@
+"""Stage 2, plain maximisation ("MIM", paper Eq. 4): train E_n and E_a on a frozen target.
+
+E_n maximises Î_n(x, h(x)) over the correctly classified samples C; E_a maximises
+Î_a(n, h(x̃)) over the samples whose attack succeeded (PAPER.md §5). Same flags, outputs and
+per-epoch Fig. 4 table as train_MI_estimator.py; the release's defaults for this variant are
+batch 200, 50 epochs, milestones [20, 30, 40], γ 0.5.
+
+``--standard-mi`` instead trains ONE estimator by plain maximisation of the standard MI
+Î(x̃; h(x̃)) of adversarial inputs over all samples (local net on x̃ itself): the estimator of
+the WMIM baseline (PAPER.md §6, after Zhu et al. 2020). It is saved as local_std_model.pth and
+global_std_model.pth, and the table becomes the mean standard MI of x and x̃.
+
+Model selection: none; the estimator files are rewritten every epoch (best = last, as the
+release kept its last epoch)."""
+import torch.nn as nn
+
+from utils.cli import Parser
+from utils.estimators import build_estimators, estimator_best_files
+from utils.mi_objectives import estimator_loss_max
+from utils.patterns import attack_succeeded, select_samples
+from utils.stage2 import (
+    add_stage2_args,
+    attack_batch,
+    build_standard_estimator,
+    evaluate_mi_table,
+    evaluate_standard_mi,
+    finish_stage2_args,
+    fit,
+    prepare,
+)
+from utils.training import run_main
+
+STANDARD_FILES = ("local_std_model.pth", "global_std_model.pth")
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.splitlines()[0])
+    add_stage2_args(p, model_dir="checkpoints/mi_estimator_only_max", epochs=50, batch_size=200,
+                    milestones=(20, 30, 40), gamma=0.5)
+    p.add_argument("--standard-mi", action="store_true",
+                   help="train one estimator of the standard MI Î(x̃; h(x̃)) (WMIM) instead of E_n and E_a")
+    args = p.parse_args(argv)
+    return finish_stage2_args(p, args)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup = prepare(args)
+    progress = not args.no_progress
+
+    if args.standard_mi:
+        estimator = build_standard_estimator(args, setup.info, setup.target, setup.device)
+        estimators = nn.ModuleDict({"standard": estimator})
+
+        def step(x, y):
+            b = attack_batch(setup.target, x, y, args, setup.layer, args.num_steps)
+            loss = -estimator.mi(b.x_adv, b.g_adv, args.mi_mode).mean()
+            return loss, b.logits_nat, {"train_fooled": attack_succeeded(b.logits_adv, y).sum()}
+
+        fit(args, setup, estimators, step, lambda: evaluate_standard_mi(setup, estimator, args, progress),
+            best=dict(zip(STANDARD_FILES, (estimator.local, estimator.global_))))
+        return
+
+    estimators = nn.ModuleDict(build_estimators(args, setup.info, setup.target, setup.device))
+    e_n, e_a = estimators["natural"], estimators["adversarial"]
+
+    def step(x, y):
+        b = attack_batch(setup.target, x, y, args, setup.layer, args.num_steps)
+        sel = select_samples(b.logits_nat, b.logits_adv, y)
+        fooled = attack_succeeded(b.logits_adv, y)
+        # Eq. 4 needs only these two of the four MI terms.
+        loss_n, loss_a = estimator_loss_max(e_n.mi(b.x, b.g_nat, args.mi_mode), e_a.mi(b.n, b.g_adv, args.mi_mode),
+                                            sel.correct, fooled)
+        return loss_n + loss_a, b.logits_nat, {"train_loss_n": loss_n.detach(), "train_loss_a": loss_a.detach(),
+                                               "train_c_size": sel.correct.sum(), "train_fooled": fooled.sum()}
+
+    fit(args, setup, estimators, step, lambda: evaluate_mi_table(setup, estimators, args, progress),
+        best=estimator_best_files(estimators))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,310 @@
+"""What the two stage-2 scripts share (PAPER.md §5): flags, the frozen target, the
+adversarial batch, the epoch loop, the per-epoch Fig. 4 table and its bar chart.
+
+The scripts keep what is special about them: the estimators they train and their loss."""
+import argparse
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from models import feature_shapes, get_model
+from models.estimator import MIEstimator, build_estimator
+from utils.attacks.pgd import pgd
+from utils.cli import (
+    Parser,
+    add_attack_args,
+    add_data_args,
+    add_estimator_args,
+    add_model_args,
+    add_run_args,
+    check_non_negative,
+    check_positive,
+    finish_attack_args,
+    finish_estimator_args,
+)
+from utils.data import BatchLoader, DatasetInfo, load_splits
+from utils.estimators import internal_layer, target_outputs
+from utils.mi import mi_per_sample
+from utils.mi_objectives import MITable
+from utils.patterns import select_samples, split_patterns
+from utils.training import Run, format_metrics, load_weights, resolve_device, seed_everything, train_epoch
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------- flags
+
+def add_stage2_args(p: Parser, *, model_dir: str, epochs: int, batch_size: int, milestones, gamma: float) -> None:
+    """Flags of both stage-2 scripts, with the release's names; the defaults are each script's."""
+    add_data_args(p)
+    add_model_args(p)
+    p.add_argument("--pre-target", required=True,
+                   help="the frozen target h_θ0: stage 1's best_model.pth (or its last.pth)")
+    add_estimator_args(p)
+    # The paper's threat model, the one stage 1 trained for (L∞ 8/255, PGD-10, step ε/4).
+    # The release's stage 2 defaulted to L2 ε 0.5 with 20 steps: --distance l_2 --num-steps 20.
+    add_attack_args(p, num_steps=10, eval_steps=None)
+    for action in p._actions:
+        if action.dest == "eval_steps":
+            action.help = "PGD steps for the per-epoch table and accuracy (default: --num-steps, the same attack)"
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr-mi", type=float, default=1e-2, help="Adam learning rate of the estimators")
+    p.add_argument("--lr-milestones", type=int, nargs="*", default=list(milestones),
+                   help="epochs at which the learning rate is multiplied by --lr-gamma")
+    p.add_argument("--lr-gamma", type=float, default=gamma)
+    add_run_args(p, model_dir=model_dir)
+
+
+def finish_stage2_args(p: Parser, args: argparse.Namespace) -> argparse.Namespace:
+    if args.eval_steps is None:
+        args.eval_steps = args.num_steps
+    finish_attack_args(p, args)
+    finish_estimator_args(p, args)
+    check_positive(p, args, "epochs", "batch_size", "lr_mi", "lr_gamma")
+    check_non_negative(p, args, "save_freq", "val_size")
+    return args
+
+
+# --------------------------------------------------------------------------- setup
+
+class Setup(NamedTuple):
+    device: torch.device
+    info: DatasetInfo
+    target: nn.Module
+    layer: Optional[str]
+    train_loader: BatchLoader
+    eval_loader: BatchLoader
+    generator: torch.Generator
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Seed, load the data and the frozen target (eval mode, no gradients), build the loaders."""
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    splits, info = load_splits(args.dataset, args.data_dir, train_limit=args.train_limit,
+                               test_limit=args.test_limit, val_size=args.val_size, seed=args.seed)
+    target = get_model(args.arch, num_classes=info.num_classes, in_channels=info.in_channels)
+    load_weights(target, args.pre_target, "--pre-target", f"--arch {args.arch} with {info.num_classes} classes")
+    target.to(device).eval().requires_grad_(False)
+
+    generator = torch.Generator().manual_seed(args.seed)
+    # Augmented as in stage 1, so the estimators see the inputs the target was trained on.
+    train_loader = BatchLoader(splits["train"].to(device), args.batch_size, shuffle=True, augment=True, info=info,
+                               device=device, generator=generator)
+    eval_split = splits["val"] if splits["val"] is not None else splits["test"]
+    eval_loader = BatchLoader(eval_split.to(device), args.batch_size, device=device)
+    return Setup(device, info, target, internal_layer(args), train_loader, eval_loader, generator)
+
+
+def build_standard_estimator(args, info: DatasetInfo, target: nn.Module, device) -> MIEstimator:
+    """One estimator of Î(x̃; h(x̃)) (WMIM, PAPER.md §6), shaped like E_n."""
+    layer = internal_layer(args)
+    shape = None
+    if layer is not None:
+        shape = feature_shapes(target, (info.in_channels, info.image_size, info.image_size))[layer]
+    return build_estimator(info.in_channels, info.num_classes, args.va_hsize, layer, shape).to(device)
+
+
+# --------------------------------------------------------------------------- one adversarial batch
+
+class AdvBatch(NamedTuple):
+    """A batch with its PGD counterpart: x, n = x̃ − x, and the target's outputs on x and x̃."""
+
+    x: Tensor
+    y: Tensor
+    x_adv: Tensor
+    n: Tensor
+    logits_nat: Tensor
+    g_nat: Tensor  # what the global nets read for h(x): logits or an internal layer
+    logits_adv: Tensor
+    g_adv: Tensor
+
+
+def attack_batch(target: nn.Module, x: Tensor, y: Tensor, args, layer: Optional[str], num_steps: int) -> AdvBatch:
+    """x̃ = PGD(h_θ0, x); one no-grad forward of the frozen target on each of x and x̃."""
+    x_adv = pgd(target, x, y, args.epsilon, args.step_size, num_steps, args.distance)
+    with torch.no_grad():
+        logits_nat, g_nat = target_outputs(target, x, layer)
+        logits_adv, g_adv = target_outputs(target, x_adv, layer)
+    x, n = split_patterns(x, x_adv)
+    return AdvBatch(x, y, x_adv, n, logits_nat, g_nat, logits_adv, g_adv)
+
+
+def mi_vectors(estimators, b: AdvBatch, mode: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(Î_n(x, h(x)), Î_n(x, h(x̃)), Î_a(n, h(x)), Î_a(n, h(x̃))), each (N,) (Eq. 5's four terms).
+
+    Each local net encodes its pattern once; its features are scored against both global inputs."""
+    e_n, e_a = estimators["natural"], estimators["adversarial"]
+    local_x, local_n = e_n.local(b.x), e_a.local(b.n)
+    return (
+        mi_per_sample(local_x, e_n.global_(b.g_nat), mode),
+        mi_per_sample(local_x, e_n.global_(b.g_adv), mode),
+        mi_per_sample(local_n, e_a.global_(b.g_nat), mode),
+        mi_per_sample(local_n, e_a.global_(b.g_adv), mode),
+    )
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _eval_batches(setup: Setup, args, progress: bool):
+    for x, y in tqdm(setup.eval_loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
+        yield attack_batch(setup.target, x, y, args, setup.layer, args.eval_steps)
+
+
+class _EvalMode:
+    """Estimators in eval mode (BN running statistics) for the duration; modes restored after."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.modes = {m: m.training for m in self.module.modules()}
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in self.modes.items():
+            m.training = mode
+
+
+def _accuracies(counts: Tensor, total: int) -> Dict[str, float]:
+    clean, robust = (100.0 * counts / max(total, 1)).tolist()
+    return {"clean_acc": clean, "pgd_acc": robust}
+
+
+def evaluate_mi_table(setup: Setup, estimators: nn.ModuleDict, args, progress: bool = True) -> Dict[str, float]:
+    """The Fig. 4 table (PAPER.md §5) on the evaluation split, plus the target's clean/PGD accuracy.
+
+    R and W are the frozen target's, under the training attack (``--eval-steps`` steps)."""
+    table, counts, total = MITable(), torch.zeros(2), 0
+    with _EvalMode(estimators):
+        for b in _eval_batches(setup, args, progress):
+            with torch.no_grad():
+                sel = select_samples(b.logits_nat, b.logits_adv, b.y)
+                table.update(*mi_vectors(estimators, b, args.mi_mode), sel)
+            counts += _correct(b).cpu()
+            total += b.y.shape[0]
+    return {**table.result(), **_accuracies(counts, total)}
+
+
+def evaluate_standard_mi(setup: Setup, estimator: MIEstimator, args, progress: bool = True) -> Dict[str, float]:
+    """Mean standard MI Î(x; h(x)) and Î(x̃; h(x̃)) on the evaluation split, plus the target's accuracy."""
+    sums, counts, total = torch.zeros(2, dtype=torch.float64), torch.zeros(2), 0
+    with _EvalMode(estimator):
+        for b in _eval_batches(setup, args, progress):
+            with torch.no_grad():
+                mi_x = estimator.mi(b.x, b.g_nat, args.mi_mode)
+                mi_xadv = estimator.mi(b.x_adv, b.g_adv, args.mi_mode)
+            sums += torch.stack([mi_x.sum(), mi_xadv.sum()]).double().cpu()
+            counts += _correct(b).cpu()
+            total += b.y.shape[0]
+    means = (sums / max(total, 1)).tolist()
+    return {"standard_mi_x": means[0], "standard_mi_xadv": means[1], **_accuracies(counts, total)}
+
+
+def _correct(b: AdvBatch) -> Tensor:
+    return torch.stack([(b.logits_nat.argmax(1) == b.y).sum(), (b.logits_adv.argmax(1) == b.y).sum()]).float()
+
+
+def json_safe(metrics: Dict[str, float]) -> Dict[str, Optional[float]]:
+    """NaN (the mean over an empty set) and ±inf become None: metrics.jsonl stays strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------- the bar chart
+
+def plot_mi_table(record: dict, path) -> None:
+    """Bar chart of one epoch's table, written atomically: the Fig. 4 panels (R, W), or the
+    two standard-MI bars when ``record`` holds ``standard_mi_x``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def value(key):
+        v = record.get(key)
+        return float("nan") if v is None else v
+
+    inputs = ("x", "xadv")
+    labels = ("$x$", r"$\tilde{x}$")
+    if "standard_mi_x" in record:
+        fig, ax = plt.subplots(figsize=(3.5, 3.2))
+        ax.bar(labels, [value(f"standard_mi_{v}") for v in inputs], color=["tab:blue", "tab:red"])
+        ax.set_ylabel("standard MI Î(v; h(v))")
+        ax.set_title(f"epoch {record.get('epoch', '?')}")
+        panels = [ax]
+    else:
+        fig, panels = plt.subplots(1, 2, figsize=(7, 3.2), sharey=True)
+        width = 0.38
+        for ax, split, title in zip(panels, ("right", "wrong"), ("R (attack failed)", "W (attack succeeded)")):
+            for offset, kind, color in ((-width / 2, "natural", "tab:blue"), (width / 2, "adversarial", "tab:red")):
+                ax.bar([i + offset for i in range(2)], [value(f"{kind}_mi_{v}_{split}") for v in inputs], width,
+                       label=f"{kind} MI", color=color)
+            ax.set_xticks(range(2), labels)
+            ax.set_title(f"{title}, n = {record.get('n_' + split, 0)}")
+        panels[0].set_ylabel("mean MI estimate")
+        handles, names = panels[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="lower center", ncol=2, fontsize="small", frameon=False)
+        fig.suptitle(f"epoch {record.get('epoch', '?')}")
+    for ax in panels:
+        ax.axhline(0.0, color="black", linewidth=0.6)
+    fig.tight_layout(rect=(0, 0.07 if len(panels) > 1 else 0, 1, 1))
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------- the epoch loop
+
+StepFn = Callable[[Tensor, Tensor], tuple]
+
+
+def fit(args, setup: Setup, estimators: nn.ModuleDict, step: StepFn,
+        evaluate: Callable[[], Dict[str, float]], best: Dict[str, nn.Module]) -> None:
+    """Adam + MultiStepLR on the estimators; each epoch: train, evaluate, save, plot (PAPER.md §5).
+
+    Only ``estimators`` is put in train mode; the target stays frozen in eval mode. The files
+    in ``best`` are rewritten every epoch (selection by epoch number: best = last, as the
+    release kept its last epoch)."""
+    optimizer = torch.optim.Adam(estimators.parameters(), lr=args.lr_mi)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_gamma)
+    run = Run(args, {"estimators": estimators, "optimizer": optimizer, "scheduler": scheduler}, setup.generator,
+              select_by="epoch")
+    progress = not args.no_progress
+    for epoch in range(run.start(), args.epochs + 1):
+        began = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_epoch(estimators, setup.train_loader, step, optimizer, f"epoch {epoch}/{args.epochs}", progress)
+        scheduler.step()
+        stats.update(evaluate())
+        metrics = json_safe({"epoch": epoch, "lr": lr, **stats, "seconds": time.time() - began})
+        record = run.end_epoch(epoch, metrics, best=best)
+        plot_mi_table(record, run.dir / "mi_table.png")
+        print(format_metrics(record) + "  " + summarize(record), flush=True)
+
+
+def summarize(record: dict) -> str:
+    """The table in one line: natural MI and adversarial MI of x / x̃ on W (or the standard MI)."""
+    def fmt(key):
+        v = record.get(key)
+        return "n/a" if v is None else f"{v:.3g}"
+
+    if "standard_mi_x" in record:
+        return f"std_mi x/x̃={fmt('standard_mi_x')}/{fmt('standard_mi_xadv')}"
+    return (f"|R|={record.get('n_right')} |W|={record.get('n_wrong')}  "
+            f"W: nat_mi x/x̃={fmt('natural_mi_x_wrong')}/{fmt('natural_mi_xadv_wrong')} "
+            f"adv_mi x/x̃={fmt('adversarial_mi_x_wrong')}/{fmt('adversarial_mi_xadv_wrong')}")
