@@ -29,7 +29,15 @@ from utils.evaluation import (
     results_json,
     sweep_table,
 )
-from utils.training import UserError, atomic_write_text, load_weights, resolve_device, run_main, seed_everything
+from utils.training import (
+    FastPath,
+    UserError,
+    atomic_write_text,
+    load_weights,
+    resolve_device,
+    run_main,
+    seed_everything,
+)
 
 DEFAULT_ATTACKS = "pgd40,aa"
 DEFAULT_ARCH = "resnet18"
@@ -94,7 +102,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def parse_args(argv=None):
+def build_parser() -> Parser:
     p = Parser(description=__doc__.splitlines()[0], epilog=EPILOG, formatter_class=_Formatter)
     # Models.
     p.add_argument("--model-dir", dest="models", action=_AddModel, default=None, metavar="DIR",
@@ -138,9 +146,20 @@ def parse_args(argv=None):
                    help="reseeded before every attack, so no result depends on what ran before it")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
     p.add_argument("--out", default=None, metavar="FILE", help="write the results, settings and timings as JSON")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast for the models' forward passes (attack losses and gradients stay fp32); "
+                        "off by default so reported numbers are exact fp32 numbers")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the models")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--no-cudnn-benchmark", action="store_true", help="turn off cudnn.benchmark (on by default on CUDA)")
     p.add_argument("--md", default=None, metavar="FILE", help="also write the Markdown tables to FILE")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if not args.models:
         p.error("no model to evaluate: give --model-dir DIR or --checkpoint PATH")
@@ -274,9 +293,18 @@ def main(argv=None):
         raise UserError(f"--n-examples {args.n_examples} exceeds the {len(test)} test images of {info.name}")
     split = first_examples(test, args.n_examples)
 
-    targets = {s["name"]: load_model(s["arch"], s["path"], s["flag"], info, device) for s in specs}
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
+
+    def fast(model):
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return torch.compile(model) if args.compile else model
+
+    targets = {s["name"]: fast(load_model(s["arch"], s["path"], s["flag"], info, device)) for s in specs}
     surrogate_arch = args.surrogate_arch or DEFAULT_SURROGATE_ARCH
-    surrogate = load_model(surrogate_arch, args.surrogate, "--surrogate", info, device) if args.surrogate else None
+    surrogate = (fast(load_model(surrogate_arch, args.surrogate, "--surrogate", info, device)) if args.surrogate
+                 else None)
 
     report = Report()
     if args.epsilon is not None and len({a.norm for a in attacks}) > 1:
@@ -284,7 +312,8 @@ def main(argv=None):
                     "the budgets of the two norms differ by an order of magnitude")
     engine = Evaluation(targets, split, batch_size=args.batch_size, device=device, surrogate=surrogate,
                         seed=args.seed, progress=not args.no_progress, report=report)
-    results = engine.run(attacks, sweeps, args.eps_sweep or ())
+    with FastPath(amp=args.amp).autocast(device):
+        results = engine.run(attacks, sweeps, args.eps_sweep or ())
     engine.trust_checks(attacks)
     ordered = [results[s["name"]] for s in specs]
 

@@ -19,6 +19,7 @@ from utils.cli import (
     add_model_args,
     add_optim_args,
     add_run_args,
+    add_speed_args,
     check_non_negative,
     check_positive,
     finish_attack_args,
@@ -32,7 +33,7 @@ from utils.patterns import select_samples, split_patterns
 from utils.training import Run, fit_target, load_weights, run_main, setup_target_training
 
 
-def parse_args(argv=None):
+def build_parser() -> Parser:
     p = Parser(description=__doc__.splitlines()[0])
     add_data_args(p)
     add_model_args(p)
@@ -57,9 +58,15 @@ def parse_args(argv=None):
     # The paper's PGD-10 with step ε/4; the release's stage 3 used 40 steps of 0.007.
     add_attack_args(p)
     add_optim_args(p)
+    add_speed_args(p)
     add_run_args(p, model_dir="checkpoints/namid")
     p.add_argument("--select-by", default="mean_acc", choices=("pgd_acc", "mean_acc"),
                    help="metric that picks target_model.pth: (clean + PGD)/2 as the release, or PGD accuracy")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     finish_attack_args(p, args)
     finish_estimator_args(p, args)
@@ -142,9 +149,9 @@ def main(argv=None):
     t = setup_target_training(args)
     model = t.model
     if args.method == "wmim":
-        standard = freeze(load_standard_estimator(args, t.info, model, t.device))
+        standard = freeze(load_standard_estimator(args, t.info, t.net, t.device))
     else:
-        estimators = build_estimators(args, t.info, model, t.device)
+        estimators = build_estimators(args, t.info, t.net, t.device)
         load_estimators(estimators, args.mi_dir, {
             ("natural", "local"): args.pre_local_n, ("natural", "global"): args.pre_global_n,
             ("adversarial", "local"): args.pre_local_a, ("adversarial", "global"): args.pre_global_a})

@@ -21,7 +21,7 @@ from utils.stage2 import add_stage2_args, attack_batch, evaluate_mi_table, finis
 from utils.training import run_main
 
 
-def parse_args(argv=None):
+def build_parser() -> Parser:
     p = Parser(description=__doc__.splitlines()[0])
     add_stage2_args(p, model_dir="checkpoints/mi_estimator", epochs=25, batch_size=400, milestones=(10, 20),
                     gamma=0.1)
@@ -33,6 +33,11 @@ def parse_args(argv=None):
                    help="release objective: weight of E_a's |1 − cos| term on R")
     p.add_argument("--a-r-sum-weight", type=float, default=0.1,
                    help="release objective: weight of E_a's Σ_R a_a(x̃)/|R| term")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     finish_stage2_args(p, args)
     check_non_negative(p, args, "cos_weight", "r_weight", "a_r_cos_weight", "a_r_sum_weight")

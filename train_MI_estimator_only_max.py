@@ -33,12 +33,17 @@ from utils.training import run_main
 STANDARD_FILES = ("local_std_model.pth", "global_std_model.pth")
 
 
-def parse_args(argv=None):
+def build_parser() -> Parser:
     p = Parser(description=__doc__.splitlines()[0])
     add_stage2_args(p, model_dir="checkpoints/mi_estimator_only_max", epochs=50, batch_size=200,
                     milestones=(20, 30, 40), gamma=0.5)
     p.add_argument("--standard-mi", action="store_true",
                    help="train one estimator of the standard MI Î(x̃; h(x̃)) (WMIM) instead of E_n and E_a")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     return finish_stage2_args(p, args)
 

@@ -12,6 +12,7 @@ from utils.cli import (
     add_model_args,
     add_optim_args,
     add_run_args,
+    add_speed_args,
     check_non_negative,
     check_positive,
     finish_attack_args,
@@ -20,7 +21,7 @@ from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS, adversarial_loss, needs_na
 from utils.training import Run, fit_target, run_main, setup_target_training
 
 
-def parse_args(argv=None):
+def build_parser() -> Parser:
     p = Parser(description=__doc__.splitlines()[0])
     add_data_args(p)
     add_model_args(p)
@@ -28,9 +29,15 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=6.0, help="TRADES / MART trade-off β")
     add_attack_args(p)
     add_optim_args(p)
+    add_speed_args(p)
     add_run_args(p, model_dir="checkpoints/standard")
     p.add_argument("--select-by", default="pgd_acc", choices=("pgd_acc", "mean_acc"),
                    help="metric that picks best_model.pth: PGD accuracy, or (clean + PGD)/2 as the release")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     finish_attack_args(p, args)
     check_positive(p, args, "epochs", "batch_size", "lr")

@@ -143,3 +143,13 @@ def finish_estimator_args(p: Parser, args: argparse.Namespace) -> argparse.Names
         p.error("--is-internal and --is-internal-last exclude each other")
     check_positive(p, args, "va_hsize")
     return args
+
+
+def add_speed_args(p: Parser) -> None:
+    """The GPU fast path and multi-GPU options (README "Speed and scale")."""
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast for forward passes; losses, input gradients and MI scores stay fp32")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the model and batches")
+    p.add_argument("--compile", action="store_true", help="torch.compile the target model")
+    p.add_argument("--no-cudnn-benchmark", action="store_true", help="turn off cudnn.benchmark (on by default on CUDA)")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes under torchrun")

@@ -33,7 +33,10 @@ def scores(local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
     global_ = global_.flatten(1)
     if local.dim() != 3 or global_.dim() != 2 or local.shape[:2] != global_.shape:
         raise ValueError(f"local {tuple(local.shape)} and global {tuple(global_.shape)} do not match")
-    return torch.einsum("ih,jhl->ijl", global_, local)
+    # Scores feed exponentials (logsumexp, softplus): under bf16 autocast they are computed in fp32.
+    with torch.autocast(device_type=local.device.type, enabled=False):
+        dtype = torch.promote_types(torch.promote_types(local.dtype, global_.dtype), torch.float32)
+        return torch.einsum("ih,jhl->ijl", global_.to(dtype), local.to(dtype))
 
 
 def mi_per_sample(local: torch.Tensor, global_: torch.Tensor, mode: str = "dv") -> torch.Tensor:

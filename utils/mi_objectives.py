@@ -168,6 +168,19 @@ class MITable:
         self.n_wrong += int(sel.wrong.sum())
         return self
 
+    def all_reduce(self, device) -> "MITable":
+        """Sum the table over all processes under torchrun (a no-op in a single process)."""
+        from utils import distributed
+
+        keys = list(self.sums)
+        packed = torch.tensor([self.sums[k] for k in keys] + [self.n_right, self.n_wrong], dtype=torch.float64,
+                              device=device)
+        distributed.all_reduce_sum(packed)
+        values = packed.tolist()
+        self.sums = dict(zip(keys, values[:-2]))
+        self.n_right, self.n_wrong = int(values[-2]), int(values[-1])
+        return self
+
     def result(self) -> Dict[str, float]:
         counts = {"right": self.n_right, "wrong": self.n_wrong}
         out = {}

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from models import feature_shapes, get_model
 from models.estimator import MIEstimator, build_estimator
+from utils import distributed
 from utils.attacks.pgd import pgd
 from utils.cli import (
     Parser,
@@ -24,6 +25,7 @@ from utils.cli import (
     add_estimator_args,
     add_model_args,
     add_run_args,
+    add_speed_args,
     check_non_negative,
     check_positive,
     finish_attack_args,
@@ -34,7 +36,17 @@ from utils.estimators import internal_layer, target_outputs
 from utils.mi import mi_per_sample
 from utils.mi_objectives import MITable
 from utils.patterns import select_samples, split_patterns
-from utils.training import Run, format_metrics, load_weights, resolve_device, seed_everything, train_epoch
+from utils.training import (
+    FastPath,
+    Run,
+    eval_mode,
+    format_metrics,
+    load_weights,
+    prepare_device,
+    seed_everything,
+    shard,
+    train_epoch,
+)
 
 Tensor = torch.Tensor
 
@@ -60,6 +72,7 @@ def add_stage2_args(p: Parser, *, model_dir: str, epochs: int, batch_size: int, 
     p.add_argument("--lr-milestones", type=int, nargs="*", default=list(milestones),
                    help="epochs at which the learning rate is multiplied by --lr-gamma")
     p.add_argument("--lr-gamma", type=float, default=gamma)
+    add_speed_args(p)
     add_run_args(p, model_dir=model_dir)
 
 
@@ -86,21 +99,30 @@ class Setup(NamedTuple):
 
 
 def prepare(args: argparse.Namespace) -> Setup:
-    """Seed, load the data and the frozen target (eval mode, no gradients), build the loaders."""
-    device = resolve_device(args.device)
+    """Seed, load the data and the frozen target (eval mode, no gradients), build the loaders.
+
+    Under torchrun each process takes its shard of every training batch (--batch-size is the
+    global batch) and of the evaluation split."""
+    device = prepare_device(args)
+    ctx = distributed.context()
     seed_everything(args.seed)
     splits, info = load_splits(args.dataset, args.data_dir, train_limit=args.train_limit,
                                test_limit=args.test_limit, val_size=args.val_size, seed=args.seed)
     target = get_model(args.arch, num_classes=info.num_classes, in_channels=info.in_channels)
     load_weights(target, args.pre_target, "--pre-target", f"--arch {args.arch} with {info.num_classes} classes")
     target.to(device).eval().requires_grad_(False)
+    if args.channels_last:
+        target = target.to(memory_format=torch.channels_last)
+    if args.compile:
+        target = torch.compile(target)
 
     generator = torch.Generator().manual_seed(args.seed)
     # Augmented as in stage 1, so the estimators see the inputs the target was trained on.
-    train_loader = BatchLoader(splits["train"].to(device), args.batch_size, shuffle=True, augment=True, info=info,
-                               device=device, generator=generator)
+    train_loader = BatchLoader(splits["train"].to(device), args.batch_size // ctx.world_size, shuffle=True,
+                               augment=True, info=info, device=device, generator=generator, rank=ctx.rank,
+                               world_size=ctx.world_size)
     eval_split = splits["val"] if splits["val"] is not None else splits["test"]
-    eval_loader = BatchLoader(eval_split.to(device), args.batch_size, device=device)
+    eval_loader = BatchLoader(shard(eval_split).to(device), args.batch_size, device=device)
     return Setup(device, info, target, internal_layer(args), train_loader, eval_loader, generator)
 
 
@@ -155,26 +177,16 @@ def mi_vectors(estimators, b: AdvBatch, mode: str) -> Tuple[Tensor, Tensor, Tens
 # --------------------------------------------------------------------------- evaluation
 
 def _eval_batches(setup: Setup, args, progress: bool):
+    fast = FastPath.from_args(args)
     for x, y in tqdm(setup.eval_loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
-        yield attack_batch(setup.target, x, y, args, setup.layer, args.eval_steps)
-
-
-class _EvalMode:
-    """Estimators in eval mode (BN running statistics) for the duration; modes restored after."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def __enter__(self):
-        self.modes = {m: m.training for m in self.module.modules()}
-        self.module.eval()
-
-    def __exit__(self, *exc):
-        for m, mode in self.modes.items():
-            m.training = mode
+        x = fast.batch(x)
+        with fast.autocast(x.device):
+            yield attack_batch(setup.target, x, y, args, setup.layer, args.eval_steps)
 
 
 def _accuracies(counts: Tensor, total: int) -> Dict[str, float]:
+    packed = distributed.all_reduce_sum(torch.cat([counts.double(), torch.tensor([float(total)], dtype=torch.float64)]))
+    counts, total = packed[:2], float(packed[2])
     clean, robust = (100.0 * counts / max(total, 1)).tolist()
     return {"clean_acc": clean, "pgd_acc": robust}
 
@@ -184,20 +196,20 @@ def evaluate_mi_table(setup: Setup, estimators: nn.ModuleDict, args, progress: b
 
     R and W are the frozen target's, under the training attack (``--eval-steps`` steps)."""
     table, counts, total = MITable(), torch.zeros(2), 0
-    with _EvalMode(estimators):
+    with eval_mode(estimators):
         for b in _eval_batches(setup, args, progress):
             with torch.no_grad():
                 sel = select_samples(b.logits_nat, b.logits_adv, b.y)
                 table.update(*mi_vectors(estimators, b, args.mi_mode), sel)
             counts += _correct(b).cpu()
             total += b.y.shape[0]
-    return {**table.result(), **_accuracies(counts, total)}
+    return {**table.all_reduce(setup.device).result(), **_accuracies(counts, total)}
 
 
 def evaluate_standard_mi(setup: Setup, estimator: MIEstimator, args, progress: bool = True) -> Dict[str, float]:
     """Mean standard MI Î(x; h(x)) and Î(x̃; h(x̃)) on the evaluation split, plus the target's accuracy."""
     sums, counts, total = torch.zeros(2, dtype=torch.float64), torch.zeros(2), 0
-    with _EvalMode(estimator):
+    with eval_mode(estimator):
         for b in _eval_batches(setup, args, progress):
             with torch.no_grad():
                 mi_x = estimator.mi(b.x, b.g_nat, args.mi_mode)
@@ -205,7 +217,8 @@ def evaluate_standard_mi(setup: Setup, estimator: MIEstimator, args, progress: b
             sums += torch.stack([mi_x.sum(), mi_xadv.sum()]).double().cpu()
             counts += _correct(b).cpu()
             total += b.y.shape[0]
-    means = (sums / max(total, 1)).tolist()
+    packed = distributed.all_reduce_sum(torch.cat([sums, torch.tensor([float(total)], dtype=torch.float64)]))
+    means = (packed[:2] / max(float(packed[2]), 1)).tolist()
     return {"standard_mi_x": means[0], "standard_mi_xadv": means[1], **_accuracies(counts, total)}
 
 
@@ -284,17 +297,21 @@ def fit(args, setup: Setup, estimators: nn.ModuleDict, step: StepFn,
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_gamma)
     run = Run(args, {"estimators": estimators, "optimizer": optimizer, "scheduler": scheduler}, setup.generator,
               select_by="epoch")
-    progress = not args.no_progress
+    main = distributed.context().is_main
+    progress = not args.no_progress and main
+    fast = FastPath.from_args(args)
     for epoch in range(run.start(), args.epochs + 1):
         began = time.time()
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_epoch(estimators, setup.train_loader, step, optimizer, f"epoch {epoch}/{args.epochs}", progress)
+        stats = train_epoch(estimators, setup.train_loader, step, optimizer, f"epoch {epoch}/{args.epochs}", progress,
+                            fast)
         scheduler.step()
         stats.update(evaluate())
         metrics = json_safe({"epoch": epoch, "lr": lr, **stats, "seconds": time.time() - began})
         record = run.end_epoch(epoch, metrics, best=best)
-        plot_mi_table(record, run.dir / "mi_table.png")
-        print(format_metrics(record) + "  " + summarize(record), flush=True)
+        if main:
+            plot_mi_table(record, run.dir / "mi_table.png")
+            print(format_metrics(record) + "  " + summarize(record), flush=True)
 
 
 def summarize(record: dict) -> str:

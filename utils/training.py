@@ -1,10 +1,12 @@
 """Training plumbing shared by the scripts: devices, seeding, checkpoints, metrics, resume."""
+import contextlib
 import json
 import os
 import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -14,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.attacks.base import unwrap
+from utils import distributed
+from utils.attacks.base import bare_module, unwrap
 from utils.attacks.pgd import pgd
 
 
@@ -128,14 +131,14 @@ def load_weights(module: nn.Module, path, flag: str, what: str) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{flag}: {path} does not hold a state_dict")
     try:
-        unwrap(module).load_state_dict(_strip_prefixes(state), strict=True)
+        bare_module(module).load_state_dict(_strip_prefixes(state), strict=True)
     except RuntimeError as err:
         detail = " ".join(str(err).split())
         raise UserError(f"{flag}: {path} does not fit {what}: {detail[:240]}") from None
 
 
 def state_dict(module: nn.Module) -> dict:
-    return unwrap(module).state_dict()
+    return bare_module(module).state_dict()
 
 
 # --- metrics and the per-epoch loop ---
@@ -164,22 +167,56 @@ class Meter:
         self.counts[name] = self.counts.get(name, 0.0) + n
 
     def result(self) -> Dict[str, float]:
-        return {k: float(v) / max(self.counts[k], 1e-12) for k, v in self.sums.items()}
+        """Means over everything added, summed over all processes under torchrun."""
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        sums = torch.stack([self.sums[k].reshape(()) for k in names]).double()
+        counts = torch.tensor([self.counts[k] for k in names], dtype=torch.float64, device=sums.device)
+        distributed.all_reduce_sum(sums)
+        distributed.all_reduce_sum(counts)
+        return {k: float(s) / max(float(c), 1e-12) for k, s, c in zip(names, sums.cpu(), counts.cpu())}
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """GPU fast-path options that change how a step is computed, not what it computes.
+
+    ``amp``: bf16 autocast for the model's forward passes (attack steps included); losses,
+    input gradients and the MI scores stay in fp32. ``channels_last``: NHWC batches."""
+    amp: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "FastPath":
+        return cls(amp=getattr(args, "amp", False), channels_last=getattr(args, "channels_last", False))
+
+    def autocast(self, device: torch.device):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple]
 
 
 def train_epoch(model: nn.Module, loader, step: StepFn, optimizer, desc: str,
-                progress: bool = True) -> Dict[str, float]:
+                progress: bool = True, fast: FastPath = FastPath()) -> Dict[str, float]:
     """One pass over ``loader``. ``step(x, y)`` returns (loss, logits for accuracy, {name: scalar})."""
     model.train()
     meter = Meter()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for x, y in bar:
-        loss, logits, extra = step(x, y)
+        x = fast.batch(x)
+        with fast.autocast(x.device):
+            loss, logits, extra = step(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if distributed.context().enabled and not isinstance(model, nn.parallel.DistributedDataParallel):
+            distributed.average_gradients(model)  # e.g. the stage-2 estimators, used through their parts
         optimizer.step()
         n = y.shape[0]
         meter.add("train_loss", loss, n)
@@ -189,23 +226,38 @@ def train_epoch(model: nn.Module, loader, step: StepFn, optimizer, desc: str,
     return meter.result()
 
 
-def evaluate(model: nn.Module, loader, epsilon: float, step_size: float, num_steps: int, norm: str,
-             progress: bool = True, desc: str = "eval") -> Dict[str, float]:
-    """Clean and PGD accuracy (%) in eval mode; the model's mode is restored afterwards."""
-    was_training = model.training
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode for the block; each module's own mode is restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
-    correct = torch.zeros(2)
-    total = 0
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-        with torch.no_grad():
-            clean = (model(x).argmax(dim=1) == y).sum()
-        x_adv = pgd(model, x, y, epsilon, step_size, num_steps, norm)
-        with torch.no_grad():
-            robust = (model(x_adv).argmax(dim=1) == y).sum()
-        correct += torch.stack([clean, robust]).float().cpu()
-        total += y.shape[0]
-    model.train(was_training)
-    clean_acc, pgd_acc = (100.0 * correct / max(total, 1)).tolist()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def evaluate(model: nn.Module, loader, epsilon: float, step_size: float, num_steps: int, norm: str,
+             progress: bool = True, desc: str = "eval", fast: FastPath = FastPath()) -> Dict[str, float]:
+    """Clean and PGD accuracy (%) in eval mode, summed over all processes under torchrun."""
+    net = unwrap(model)  # no DDP collectives per batch: each process evaluates its own shard
+    counts = None
+    with eval_mode(net):
+        for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+            x = fast.batch(x)
+            with fast.autocast(x.device):
+                with torch.no_grad():
+                    clean = (net(x).argmax(dim=1) == y).sum()
+                x_adv = pgd(net, x, y, epsilon, step_size, num_steps, norm)
+                with torch.no_grad():
+                    robust = (net(x_adv).argmax(dim=1) == y).sum()
+            batch = torch.stack([clean, robust, torch.tensor(y.shape[0], device=y.device)]).double()
+            counts = batch if counts is None else counts + batch
+    if counts is None:
+        counts = torch.zeros(3, dtype=torch.float64)
+    distributed.all_reduce_sum(counts)
+    clean_acc, pgd_acc = (100.0 * counts[:2] / counts[2].clamp_min(1)).tolist()
     return {"clean_acc": clean_acc, "pgd_acc": pgd_acc}
 
 
@@ -242,11 +294,16 @@ class Run:
         return {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
 
     def start(self) -> int:
-        """Write config.json; with --resume load last.pth. Returns the first epoch to run."""
-        atomic_write_text(self.dir / "config.json", json.dumps(self.config(), indent=2, sort_keys=True) + "\n")
+        """Write config.json; with --resume load last.pth. Returns the first epoch to run.
+
+        Under torchrun every process loads last.pth; only the first one writes files."""
+        main = distributed.context().is_main
+        if main:
+            atomic_write_text(self.dir / "config.json", json.dumps(self.config(), indent=2, sort_keys=True) + "\n")
         if not getattr(self.args, "resume", False):
-            if self.metrics_path.exists():
+            if main and self.metrics_path.exists():
                 self.metrics_path.unlink()
+            distributed.barrier()
             return 1
         ckpt = load_checkpoint(self.last_path, "--resume")
         if not isinstance(ckpt, dict) or "epoch" not in ckpt:
@@ -255,14 +312,16 @@ class Run:
             if name not in ckpt:
                 raise UserError(f"--resume: {self.last_path} has no '{name}' entry")
             try:
-                target = unwrap(obj) if isinstance(obj, nn.Module) else obj
+                target = bare_module(obj) if isinstance(obj, nn.Module) else obj
                 target.load_state_dict(_strip_prefixes(ckpt[name]) if isinstance(obj, nn.Module) else ckpt[name])
             except (RuntimeError, ValueError, KeyError) as err:
                 detail = " ".join(str(err).split())
                 raise UserError(f"--resume: {self.last_path} does not fit this run's {name}: {detail[:200]}") from None
         self.best_score = ckpt.get("best_score", -float("inf"))
         set_rng_state(ckpt["rng"], self.generator)
-        self._truncate_metrics(ckpt["epoch"])
+        if main:
+            self._truncate_metrics(ckpt["epoch"])
+        distributed.barrier()
         return ckpt["epoch"] + 1
 
     def _truncate_metrics(self, last_epoch: int) -> None:
@@ -276,12 +335,16 @@ class Run:
         """Save the best files if ``metrics[select_by]`` improved, log the metrics, then last.pth."""
         score = metrics[self.select_by]
         improved = score > self.best_score
+        record = {"epoch": epoch, **metrics, "best": improved,
+                  "selected_on": "val" if getattr(self.args, "val_size", 0) else "test"}
+        if not distributed.context().is_main:
+            self.best_score = max(score, self.best_score)
+            distributed.barrier()
+            return record
         if improved:
             self.best_score = score
             for filename, module in best.items():
                 atomic_save(state_dict(module), self.dir / filename)
-        record = {"epoch": epoch, **metrics, "best": improved,
-                  "selected_on": "val" if getattr(self.args, "val_size", 0) else "test"}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -294,6 +357,7 @@ class Run:
                 for name, obj in self.state.items()}
         ckpt.update(epoch=epoch, best_score=self.best_score, rng=rng_state(self.generator), args=self.config())
         atomic_save(ckpt, self.last_path)
+        distributed.barrier()
         return record
 
 
@@ -329,38 +393,82 @@ def fit_target(args, model: nn.Module, optimizer, scheduler, run: "Run", train_l
         else:
             step = cross_entropy_step(model)
         lr = optimizer.param_groups[0]["lr"]
-        progress = not getattr(args, "no_progress", False)
-        stats = train_epoch(model, train_loader, step, optimizer, f"epoch {epoch}/{args.epochs}", progress)
+        progress = not getattr(args, "no_progress", False) and distributed.context().is_main
+        fast = FastPath.from_args(args)
+        stats = train_epoch(model, train_loader, step, optimizer, f"epoch {epoch}/{args.epochs}", progress, fast)
         scheduler.step()
         stats.update(evaluate(model, eval_loader, args.epsilon, args.step_size, args.eval_steps, args.distance,
-                              progress))
+                              progress, fast=fast))
         stats["mean_acc"] = (stats["clean_acc"] + stats["pgd_acc"]) / 2
         record = run.end_epoch(epoch, {"lr": lr, "train_epsilon": eps, **stats, "seconds": time.time() - began},
                                best={best_file: model})
-        print(format_metrics(record), flush=True)
+        if distributed.context().is_main:
+            print(format_metrics(record), flush=True)
+
+
+def prepare_device(args) -> torch.device:
+    """Join torchrun's process group if launched by it, pick this process's device, and set
+    cudnn.benchmark (fixed input shapes: let cuDNN pick the fastest kernels)."""
+    ctx = distributed.init(args.device)
+    device = distributed.device_for(resolve_device(args.device))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not getattr(args, "no_cudnn_benchmark", False)
+    if ctx.enabled and args.batch_size % ctx.world_size:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch: it must divide evenly over "
+                        f"{ctx.world_size} processes")
+    return device
+
+
+def speed_up(model: nn.Module, args) -> nn.Module:
+    """channels_last, SyncBatchNorm, torch.compile and DDP, as the flags ask; returns what to train.
+
+    The plain module stays reachable through ``bare_module`` for checkpoints."""
+    if getattr(args, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    if getattr(args, "sync_bn", False) and distributed.context().enabled:
+        if next(model.parameters()).device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU implementation)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if getattr(args, "compile", False):
+        model = torch.compile(model)
+    return distributed.wrap(model)
+
+
+def shard(split, ctx=None):
+    """This process's share of an evaluation split: every world_size-th sample, no padding, so
+    the summed counts are exact."""
+    ctx = ctx or distributed.context()
+    if not ctx.enabled:
+        return split
+    return split.subset(torch.arange(ctx.rank, len(split), ctx.world_size))
 
 
 def setup_target_training(args):
     """Device, data, a fresh target model, SGD with MultiStepLR, and loaders (stages 1 and 3).
 
     The training loader shuffles and augments with its own seeded generator, whose state
-    last.pth keeps so a resumed run sees the same batches."""
+    last.pth keeps so a resumed run sees the same batches. Under torchrun, --batch-size is the
+    global batch: each process takes its shard of every batch."""
     from types import SimpleNamespace
 
     from models import get_model
     from utils.data import BatchLoader, load_splits
 
-    device = resolve_device(args.device)
+    device = prepare_device(args)
+    ctx = distributed.context()
     seed_everything(args.seed)
     splits, info = load_splits(args.dataset, args.data_dir, train_limit=args.train_limit,
                                test_limit=args.test_limit, val_size=args.val_size, seed=args.seed)
-    model = get_model(args.arch, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
+    net = get_model(args.arch, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
+    model = speed_up(net, args)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_gamma)
     generator = torch.Generator().manual_seed(args.seed)
-    train_loader = BatchLoader(splits["train"].to(device), args.batch_size, shuffle=True, augment=True, info=info,
-                               device=device, generator=generator)
+    train_loader = BatchLoader(splits["train"].to(device), args.batch_size // ctx.world_size, shuffle=True,
+                               augment=True, info=info, device=device, generator=generator, rank=ctx.rank,
+                               world_size=ctx.world_size)
     eval_split = splits["val"] if splits["val"] is not None else splits["test"]
-    eval_loader = BatchLoader(eval_split.to(device), args.batch_size, device=device)
-    return SimpleNamespace(device=device, info=info, model=model, optimizer=optimizer, scheduler=scheduler,
-                           generator=generator, train_loader=train_loader, eval_loader=eval_loader)
+    eval_loader = BatchLoader(shard(eval_split).to(device), args.batch_size, device=device)
+    return SimpleNamespace(device=device, info=info, net=bare_module(model), model=model, optimizer=optimizer,
+                           scheduler=scheduler, generator=generator, train_loader=train_loader,
+                           eval_loader=eval_loader)

@@ -17,17 +17,23 @@ def canonical_norm(norm: str) -> str:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module behind DistributedDataParallel / torch.compile wrappers.
+    """The module an attack should call: the one behind DistributedDataParallel / DataParallel.
 
-    Attacks call the bare module: a DDP forward would register gradient hooks for the
-    parameters and synchronise buffers, neither of which an attack wants."""
+    A DDP forward would register gradient hooks for the parameters and synchronise buffers,
+    neither of which an attack wants. A torch.compile wrapper is kept: it is the fast path."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def bare_module(model: nn.Module) -> nn.Module:
+    """The plain module behind every wrapper (DDP, DataParallel, torch.compile): its state_dict
+    has the keys a checkpoint should carry."""
     while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
+        model = unwrap(model)
+        if not hasattr(model, "_orig_mod"):
             return model
+        model = model._orig_mod
 
 
 @contextmanager

@@ -1,0 +1,97 @@
+"""Multi-process training through torchrun: one process per GPU (or per CPU worker with gloo).
+
+``torchrun --nproc_per_node N script.py ...`` sets WORLD_SIZE, RANK and LOCAL_RANK; without
+them everything here is a no-op and the scripts run as one process."""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_CONTEXT = Context()
+
+
+def context() -> Context:
+    return _CONTEXT
+
+
+def init(device_flag: str) -> Context:
+    """Join the process group when launched by torchrun (nccl on CUDA, gloo on CPU)."""
+    global _CONTEXT
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        _CONTEXT = Context()
+        return _CONTEXT
+    if not dist.is_initialized():
+        use_cuda = device_flag != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    _CONTEXT = Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return _CONTEXT
+
+
+def device_for(device: torch.device) -> torch.device:
+    """Each process drives its own GPU."""
+    if device.type == "cuda" and _CONTEXT.enabled:
+        return torch.device("cuda", _CONTEXT.local_rank)
+    return device
+
+
+def wrap(model: nn.Module, sync_bn: bool = False) -> nn.Module:
+    """DistributedDataParallel (and SyncBatchNorm on request) when running under torchrun."""
+    if not _CONTEXT.enabled:
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device = next(model.parameters()).device
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if _CONTEXT.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def average_gradients(model: nn.Module) -> None:
+    """Average parameter gradients over processes, for modules trained without DDP's wrapper."""
+    if not _CONTEXT.enabled:
+        return
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:  # every process must join every all_reduce, used or not
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(_CONTEXT.world_size)
+
+
+def barrier() -> None:
+    if _CONTEXT.enabled:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    global _CONTEXT
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTEXT = Context()
