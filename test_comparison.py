@@ -51,7 +51,7 @@ models: each --checkpoint/--model-dir adds a model; the --name and --arch that f
 first model apply to every model. Example:
   --checkpoint std/best_model.pth --name standard --arch resnet18 \\
   --model-dir runs/namid --name NAMID
-attacks: pgdK, l2-pgdK, fwaK (K steps), aa, tidim, mifgsm, cw, ddn; groups
+attacks: pgdK, l2-pgdK, fwaK (release FWA), fwa-fwK (Frank-Wolfe), aa, tidim, mifgsm, cw, ddn; groups
 {', '.join(f'{g} = {"+".join(v)}' for g, v in GROUPS.items())}.
 epsilon: without --epsilon each attack takes its norm's default (8/255 L-inf, 0.5 L2; FWA's
 Wasserstein radius as the registry sets it); --epsilon sets ONE value for every attack.

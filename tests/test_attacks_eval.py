@@ -424,3 +424,25 @@ def test_robust_mask_never_exceeds_clean_accuracy(tiny):
         mask = robust_mask(model, x, y, x + 2.0, build_attack("fwa40"))
     with torch.no_grad():
         assert torch.equal(mask, model(x).argmax(1) == y)
+
+
+def test_fwa_defaults_are_the_release_projected_variant(monkeypatch):
+    import utils.attacks.registry as registry
+
+    seen = {}
+
+    def spy(name):
+        def fn(model, x, y, epsilon, steps=40, kernel_size=5, dual_iters=15, return_plan=False):
+            seen[name] = (steps, kernel_size)
+            return x
+        return fn
+
+    monkeypatch.setattr(registry, "fwa_pgd", spy("pgd"))
+    monkeypatch.setattr(registry, "fwa_fw", spy("fw"))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    x, y = torch.rand(2, 1, 2, 2), torch.zeros(2, dtype=torch.long)
+    registry.build_attack("fwa40")(model, x, y)
+    registry.build_attack("fwa-fw40")(model, x, y)
+    assert seen["pgd"] == (40, 4)  # the release's kernel
+    assert seen["fw"] == (40, 5)
+    assert expand_attack_names("fwa-fw7") == ["fwa-fw7"]

@@ -5,8 +5,10 @@ Names:
 - ``pgdK``: L∞ PGD, K steps of ε/4 from a uniform random start (the paper's PGD-40).
 - ``l2-pgdK``: the same in L2; the step is ε/4 as well, the paper's one stated rule.
 - ``aa``: AutoAttack, standard version (``version="release"`` for the release's 40 steps).
-- ``fwaK``: Wasserstein attack with K steps; Frank–Wolfe by default (the paper's), the
-  release's projected gradient with ``method="pgd"``. ε is the Wasserstein radius.
+- ``fwaK``: Wasserstein attack with K steps, by default the release's: projected gradient on
+  the transport plan with the exact dual projection, kernel 4, lr 0.007, 15 dual iterations
+  (``method="fw"`` or the name ``fwa-fwK`` gives the Frank–Wolfe variant of Wu et al.).
+  ε is the Wasserstein radius, relative to the total pixel mass.
 - ``tidim``, ``mifgsm``: momentum attacks (L∞).
 - ``cw``, ``ddn``: minimum-norm L2 attacks, counted as successful only within ε.
 Groups: ``all-linf`` (pgd40, aa, fwa40, tidim), ``all-l2`` (l2-pgd40, cw, ddn), ``all``.
@@ -34,7 +36,7 @@ GROUPS = {
     "all-l2": ("l2-pgd40", "cw", "ddn"),
 }
 GROUPS["all"] = GROUPS["all-linf"] + GROUPS["all-l2"] + ("mifgsm",)
-VALID_NAMES = "pgdK, l2-pgdK, fwaK (K ≥ 1 steps), aa, tidim, mifgsm, cw, ddn; groups " + ", ".join(GROUPS)
+VALID_NAMES = "pgdK, l2-pgdK, fwaK, fwa-fwK (K ≥ 1 steps), aa, tidim, mifgsm, cw, ddn; groups " + ", ".join(GROUPS)
 # Slack for float rounding when a perturbation is checked against its budget.
 BUDGET_TOL = 1e-6
 # Options of the lead's pgd() that a caller may set (num_steps and norm come from the name).
@@ -69,7 +71,7 @@ def _parse(name: str) -> Tuple[str, Optional[int]]:
     key = name.strip().lower()
     if key in ("aa", "tidim", "mifgsm", "cw", "ddn"):
         return key, None
-    match = re.fullmatch(r"(pgd|l2-pgd|fwa)(\d+)", key)
+    match = re.fullmatch(r"(pgd|l2-pgd|fwa|fwa-fw)(\d+)", key)
     if match and int(match.group(2)) >= 1:
         return match.group(1), int(match.group(2))
     raise ValueError(f"unknown attack {name!r}; valid names: {VALID_NAMES}")
@@ -123,9 +125,11 @@ def build_attack(name: str, *, epsilon: Optional[float] = None,
             return pgd(model, x, y, eps, eps / 4 if step is None else step, steps, norm=norm, **opts)
 
         minimum, budget = False, norm
-    elif kind == "fwa":
+    elif kind in ("fwa", "fwa-fw"):
         norm, minimum, budget = "linf", False, "wasserstein"
-        method = options.pop("method", "fw")
+        method = options.pop("method", "fw" if kind == "fwa-fw" else "pgd")
+        if method == "pgd":
+            options.setdefault("kernel_size", 4)  # the release's neighbourhood
         targets = {"fw": fwa_fw, "pgd": fwa_pgd}
         if method not in targets:
             raise ValueError(f"unknown FWA method {method!r}; expected 'fw' or 'pgd'")
