@@ -4,12 +4,9 @@ L_all = L_adv + α·L_mi with the stage-2 estimators frozen. ``--adv-loss`` pick
 NAMID-T (trades) or NAMID-M (mart); ``--no-adv-mi``, ``--no-nat-mi`` and ``--lam 0`` are the
 ablations of Fig. 5; ``--method wmim`` is the WMIM baseline. Writes target_model.pth,
 last.pth, config.json and metrics.jsonl to --model-dir."""
-from pathlib import Path
 
 import torch
 
-from models import feature_shapes
-from models.estimator import build_estimator
 from utils.attacks.pgd import pgd
 from utils.cli import (
     Parser,
@@ -25,12 +22,19 @@ from utils.cli import (
     finish_attack_args,
     finish_estimator_args,
 )
-from utils.estimators import build_estimators, internal_layer, load_estimators, target_outputs
+from utils.estimators import (
+    build_estimators,
+    build_one_estimator,
+    internal_layer,
+    load_estimators,
+    load_standard_estimator,
+    target_outputs,
+)
 from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS, adversarial_loss
 from utils.mi import mi_per_sample
 from utils.mi_objectives import namid_loss
 from utils.patterns import select_samples, split_patterns
-from utils.training import Run, fit_target, load_weights, run_main, setup_target_training
+from utils.training import Run, fit_target, run_main, setup_target_training
 
 
 def build_parser() -> Parser:
@@ -80,19 +84,6 @@ def parse_args(argv=None):
         p.error("the estimators are missing: pass --mi-dir or all four of --pre-local-n/--pre-global-n/"
                 "--pre-local-a/--pre-global-a")
     return args
-
-
-def load_standard_estimator(args, info, target, device):
-    """The WMIM estimator: trained by train_MI_estimator_only_max.py --standard-mi."""
-
-
-    layer = internal_layer(args)
-    shape = feature_shapes(target, (info.in_channels, info.image_size, info.image_size))[layer] if layer else None
-    estimator = build_estimator(info.in_channels, info.num_classes, args.va_hsize, layer, shape).to(device)
-    hint = "the estimator built from --va-hsize/--is-internal/--is-internal-last and the dataset"
-    load_weights(estimator.local, Path(args.mi_dir) / "local_std_model.pth", "--mi-dir", hint)
-    load_weights(estimator.global_, Path(args.mi_dir) / "global_std_model.pth", "--mi-dir", hint)
-    return estimator
 
 
 def freeze(module):
@@ -149,7 +140,7 @@ def main(argv=None):
     t = setup_target_training(args)
     model = t.model
     if args.method == "wmim":
-        standard = freeze(load_standard_estimator(args, t.info, t.net, t.device))
+        standard = freeze(load_standard_estimator(build_one_estimator(args, t.info, t.net, t.device), args.mi_dir))
     else:
         estimators = build_estimators(args, t.info, t.net, t.device)
         load_estimators(estimators, args.mi_dir, {

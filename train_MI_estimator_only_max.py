@@ -15,13 +15,12 @@ release kept its last epoch)."""
 import torch.nn as nn
 
 from utils.cli import Parser
-from utils.estimators import build_estimators, estimator_best_files
+from utils.estimators import STANDARD_FILES, build_estimators, build_one_estimator, estimator_best_files
 from utils.mi_objectives import estimator_loss_max
 from utils.patterns import attack_succeeded, select_samples
 from utils.stage2 import (
     add_stage2_args,
     attack_batch,
-    build_standard_estimator,
     evaluate_mi_table,
     evaluate_standard_mi,
     finish_stage2_args,
@@ -29,8 +28,6 @@ from utils.stage2 import (
     prepare,
 )
 from utils.training import run_main
-
-STANDARD_FILES = ("local_std_model.pth", "global_std_model.pth")
 
 
 def build_parser() -> Parser:
@@ -54,7 +51,7 @@ def main(argv=None):
     progress = not args.no_progress
 
     if args.standard_mi:
-        estimator = build_standard_estimator(args, setup.info, setup.target, setup.device)
+        estimator = build_one_estimator(args, setup.info, setup.target, setup.device)
         estimators = nn.ModuleDict({"standard": estimator})
 
         def step(x, y):
@@ -63,7 +60,7 @@ def main(argv=None):
             return loss, b.logits_nat, {"train_fooled": attack_succeeded(b.logits_adv, y).sum()}
 
         fit(args, setup, estimators, step, lambda: evaluate_standard_mi(setup, estimator, args, progress),
-            best=dict(zip(STANDARD_FILES, (estimator.local, estimator.global_))))
+            best={STANDARD_FILES["local"]: estimator.local, STANDARD_FILES["global"]: estimator.global_})
         return
 
     estimators = nn.ModuleDict(build_estimators(args, setup.info, setup.target, setup.device))

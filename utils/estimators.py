@@ -35,16 +35,29 @@ def internal_layer(args) -> Optional[str]:
     return None
 
 
-def build_estimators(args, info, target: nn.Module, device) -> Dict[str, MIEstimator]:
-    """E_n and E_a for this dataset and target, sized by ``--va-hsize`` and the internal flags."""
+def build_one_estimator(args, info, target: nn.Module, device) -> MIEstimator:
+    """One estimator for this dataset and target, sized by ``--va-hsize`` and the internal flags."""
     layer = internal_layer(args)
     shape = None
     if layer is not None:
         shape = feature_shapes(target, (info.in_channels, info.image_size, info.image_size))[layer]
-    return {
-        kind: build_estimator(info.in_channels, info.num_classes, args.va_hsize, layer, shape).to(device)
-        for kind in ("natural", "adversarial")
-    }
+    return build_estimator(info.in_channels, info.num_classes, args.va_hsize, layer, shape).to(device)
+
+
+def build_estimators(args, info, target: nn.Module, device) -> Dict[str, MIEstimator]:
+    """E_n and E_a (PAPER.md §3)."""
+    return {kind: build_one_estimator(args, info, target, device) for kind in ("natural", "adversarial")}
+
+
+STANDARD_FILES = {"local": "local_std_model.pth", "global": "global_std_model.pth"}
+ESTIMATOR_HINT = "the estimator built from --va-hsize/--is-internal/--is-internal-last and the dataset"
+
+
+def load_standard_estimator(estimator: MIEstimator, mi_dir) -> MIEstimator:
+    """The WMIM estimator of Î(x̃; h(x̃)), as train_MI_estimator_only_max.py --standard-mi saved it."""
+    load_weights(estimator.local, Path(mi_dir) / STANDARD_FILES["local"], "--mi-dir", ESTIMATOR_HINT)
+    load_weights(estimator.global_, Path(mi_dir) / STANDARD_FILES["global"], "--mi-dir", ESTIMATOR_HINT)
+    return estimator
 
 
 def target_outputs(target: nn.Module, x: torch.Tensor, layer: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -83,5 +96,4 @@ def load_estimators(estimators: Dict[str, MIEstimator], mi_dir=None, paths: Opti
             raise UserError(f"no estimator given: pass --mi-dir or {RELEASE_FLAGS[key]}")
         kind, part = key
         module = estimators[kind].local if part == "local" else estimators[kind].global_
-        hint = "the estimator built from --va-hsize/--is-internal/--is-internal-last and the dataset"
-        load_weights(module, path, flag, hint)
+        load_weights(module, path, flag, ESTIMATOR_HINT)

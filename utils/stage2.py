@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from models import feature_shapes, get_model
-from models.estimator import MIEstimator, build_estimator
+from models import get_model
+from models.estimator import MIEstimator
 from utils import distributed
 from utils.attacks.pgd import pgd
 from utils.cli import (
@@ -124,15 +124,6 @@ def prepare(args: argparse.Namespace) -> Setup:
     eval_split = splits["val"] if splits["val"] is not None else splits["test"]
     eval_loader = BatchLoader(shard(eval_split).to(device), args.batch_size, device=device)
     return Setup(device, info, target, internal_layer(args), train_loader, eval_loader, generator)
-
-
-def build_standard_estimator(args, info: DatasetInfo, target: nn.Module, device) -> MIEstimator:
-    """One estimator of Î(x̃; h(x̃)) (WMIM, PAPER.md §6), shaped like E_n."""
-    layer = internal_layer(args)
-    shape = None
-    if layer is not None:
-        shape = feature_shapes(target, (info.in_channels, info.image_size, info.image_size))[layer]
-    return build_estimator(info.in_channels, info.num_classes, args.va_hsize, layer, shape).to(device)
 
 
 # --------------------------------------------------------------------------- one adversarial batch
