@@ -1,0 +1,531 @@
+"""Throughput of the per-step work of each stage, ours against the release's (benchmarks/release_reference.py).
+
+Cases (``--only``): train-step (stage 1, Standard AT with PGD-10, step ε/4), estimator-step (stage 2),
+namid-step (stage 3), pgd40-eval (clean forward + PGD-40 + forward) and autoattack-100
+(AutoAttack on 100 images). Data are synthetic CIFAR-shaped uint8 images (Fashion-MNIST-shaped
+for SmallCNN): ours go through ``utils.data.BatchLoader`` and the scripts' own step functions
+inside ``utils.training.train_epoch`` / ``evaluate``; the reference goes through the release's
+PIL/torchvision ``DataLoader``. Both run the same model and batch with the same PGD budget.
+
+Prints a table and a summary of ours/reference, and writes JSON (and the table as Markdown)
+to ``--out`` (default benchmarks/results/<device>.json). Example:
+
+    python benchmarks/benchmark.py --device cpu --quick --batch-size 32 --iters 3 --repeats 2 --threads 1
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import train_MIAT  # noqa: E402
+from benchmarks import release_reference as ref  # noqa: E402
+from models import MODEL_NAMES, get_model  # noqa: E402
+from models.estimator import build_estimator  # noqa: E402
+from train_standard import standard_objective  # noqa: E402
+from utils.attacks.autoattack import autoattack  # noqa: E402
+from utils.attacks.pgd import pgd  # noqa: E402
+from utils.data import BatchLoader, load_splits  # noqa: E402
+from utils.losses import ATTACK_FOR_LOSS  # noqa: E402
+from utils.mi_objectives import estimator_loss_release  # noqa: E402
+from utils.patterns import select_samples  # noqa: E402
+from utils.training import evaluate, train_epoch  # noqa: E402
+
+CASES = ("train-step", "estimator-step", "namid-step", "pgd40-eval", "autoattack-100")
+DEFAULT_ARCHS = {"train-step": ("smallcnn", "resnet18")}  # every other case: ResNet-18, the paper's target
+SHAPES = {"smallcnn": (1, 28, 28), "smallcnn-nobn": (1, 28, 28)}  # every other architecture: 3×32×32
+# The dataset an epoch is projected onto, by input shape: (train name, train size, test name, test size).
+EPOCHS = {(1, 28, 28): ("Fashion-MNIST", 60_000, "Fashion-MNIST test", 10_000),
+          (3, 32, 32): ("CIFAR-10", 50_000, "CIFAR-10 test", 10_000)}
+NUM_CLASSES = 10
+EPSILON = 8 / 255
+AA_IMAGES = 100
+QUICK_AA = dict(version="custom", attacks_to_run=["apgd-ce", "apgd-t"], n_iter=10)
+SUMMARY = (("train-step", "resnet18"), ("estimator-step", "resnet18"), ("namid-step", "resnet18"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=256, help="images per step (the release trained with 256)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps per case (default 10; 2 with --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 with --quick)")
+    p.add_argument("--arch", default=None,
+                   help="comma list of architectures for every case (default: train-step runs smallcnn and "
+                        "resnet18, the other cases resnet18)")
+    p.add_argument("--only", default=",".join(CASES), help=f"comma list of cases among {', '.join(CASES)}")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer steps and a small AutoAttack (APGD-CE + APGD-T, 10 iterations) instead of the "
+                        "standard one")
+    p.add_argument("--aa-version", default=None, choices=("standard", "release", "quick"),
+                   help="AutoAttack setting (default: standard; quick with --quick)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="alternate ours and the reference this many times per case; the median step is reported")
+    p.add_argument("--va-hsize", type=int, default=2048, help="estimators' hidden size H (PAPER.md §3)")
+    p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps of the training cases (step ε/4)")
+    p.add_argument("--ref-workers", type=int, default=2, help="DataLoader workers of the release's data path")
+    p.add_argument("--no-reference", action="store_true", help="time ours only")
+    p.add_argument("--amp", action="store_true",
+                   help="run ours under bfloat16 autocast (the scripts run fp32 today; the reference stays fp32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 on a shared, oversubscribed machine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<device>.json)")
+    args = p.parse_args(argv)
+    if args.iters is None:
+        args.iters = 2 if args.quick else 10
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 3
+    if args.aa_version is None:
+        args.aa_version = "quick" if args.quick else "standard"
+    args.only = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = sorted(set(args.only) - set(CASES))
+    if unknown:
+        p.error(f"unknown case(s) {', '.join(unknown)}; expected {', '.join(CASES)}")
+    if args.arch is not None:
+        args.arch = [a.strip() for a in args.arch.split(",") if a.strip()]
+        bad = [a for a in args.arch if a not in MODEL_NAMES]
+        if bad:
+            p.error(f"unknown --arch {', '.join(bad)}; expected among {', '.join(MODEL_NAMES)}")
+    if args.batch_size < 2 or args.iters < 1 or args.warmup < 0 or args.repeats < 1:
+        p.error("--batch-size must be at least 2 (the MI bounds need negatives), --iters and --repeats at least 1, "
+                "--warmup at least 0")
+    return args
+
+
+# --------------------------------------------------------------------------- device and clock
+
+def resolve(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmark.py: error: --device cuda but CUDA is not available")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def default_out(device: torch.device) -> Path:
+    stem = "cpu" if device.type == "cpu" else re.sub(r"[^A-Za-z0-9]+", "_", device_name(device)).strip("_")
+    return ROOT / "benchmarks" / "results" / f"{stem}.json"
+
+
+def now(device: torch.device) -> float:
+    """Wall-clock seconds after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class Clock:
+    """Wraps a loader and marks the start of every step from batch ``warmup`` on, and the end of
+    the last, so the first ``warmup`` steps (and a DataLoader's worker start) stay out of the
+    timing. Marks are CUDA events on a GPU (no synchronisation between steps, the GPU's own
+    timeline) and wall-clock times on a CPU."""
+
+    def __init__(self, loader, warmup: int, device: torch.device):
+        self.loader, self.warmup, self.device = loader, warmup, device
+        self.marks = []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _mark(self) -> None:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def __iter__(self):
+        it = iter(self.loader)
+        for i in range(len(self.loader)):
+            if i >= self.warmup:
+                self._mark()
+            yield next(it)
+        self._mark()
+
+    def step_seconds(self) -> list:
+        pairs = list(zip(self.marks, self.marks[1:]))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return [a.elapsed_time(b) / 1000 for a, b in pairs]
+        return [b - a for a, b in pairs]
+
+
+# --------------------------------------------------------------------------- data and models
+
+def shape_of(arch: str):
+    return SHAPES.get(arch, (3, 32, 32))
+
+
+def synthetic(shape, n: int, seed: int):
+    splits, info = load_splits("synthetic", None, synthetic_size=(n, n), synthetic_shape=shape,
+                               synthetic_classes=NUM_CLASSES, seed=seed)
+    return splits["train"], info
+
+
+def ours_loader(split, info, batch: int, device, seed: int, augment: bool = True) -> BatchLoader:
+    return BatchLoader(split.to(device), batch, shuffle=augment, augment=augment, info=info, device=device,
+                       generator=torch.Generator().manual_seed(seed), drop_last=True)
+
+
+class ToDevice:
+    """The release's loop moved each batch to the device itself."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.to(self.device), y.to(self.device)
+
+
+def target(arch: str, device, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = get_model(arch, NUM_CLASSES, shape_of(arch)[0])
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    if not last.weight.any():
+        # SmallCNN's last layer starts at zero (TRADES' init): constant logits would leave
+        # AutoAttack without gradients and W always empty.
+        last.reset_parameters()
+    return model.to(device)
+
+
+def sgd(model: nn.Module):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)  # PAPER.md §7
+
+
+def estimators(arch: str, hsize: int, device, seed: int):
+    torch.manual_seed(seed + 1)
+    return [build_estimator(shape_of(arch)[0], NUM_CLASSES, hsize).to(device) for _ in range(2)]
+
+
+def step_config(args) -> SimpleNamespace:
+    """The flags our objectives read (train_MIAT/train_MI_estimator defaults) and the reference's budget."""
+    return SimpleNamespace(epsilon=EPSILON, step_size=EPSILON / 4, num_steps=args.pgd_steps, distance="l_inf",
+                           loss="ce", adv_loss="ce", beta=6.0, alpha=5.0, lam=0.1, no_adv_mi=False, no_nat_mi=False,
+                           release_loss=False, mi_mode="dv", is_internal=False, is_internal_last=False)
+
+
+# --------------------------------------------------------------------------- our steps (as the scripts build them)
+
+def ours_train_step(model, cfg):
+    """train_standard.main's adversarial_step."""
+    attack_loss, start = ATTACK_FOR_LOSS[cfg.loss]
+
+    def step(x, y):
+        x_adv = pgd(model, x, y, cfg.epsilon, cfg.step_size, cfg.num_steps, cfg.distance, attack_loss, start)
+        return standard_objective(model, x, x_adv, y, cfg)
+    return step
+
+
+def ours_estimator_step(frozen, ests, cfg):
+    """train_MI_estimator.main's step (default --objective release), on the frozen target."""
+    from utils.stage2 import attack_batch, mi_vectors  # here, so the other cases run without stage 2's module
+
+    def step(x, y):
+        b = attack_batch(frozen, x, y, cfg, None, cfg.num_steps)
+        sel = select_samples(b.logits_nat, b.logits_adv, y)
+        loss_n, loss_a = estimator_loss_release(*mi_vectors(ests, b, cfg.mi_mode), sel)
+        return loss_n + loss_a, b.logits_nat, {"train_loss_n": loss_n.detach(), "train_loss_a": loss_a.detach(),
+                                               "train_w_size": sel.wrong.sum(), "train_r_size": sel.right.sum()}
+    return step
+
+
+def ours_namid_step(model, est_n, est_a, cfg):
+    """train_MIAT.main's adversarial_step (NAMID, Standard-AT attack)."""
+    attack_loss, start = ATTACK_FOR_LOSS[cfg.adv_loss]
+
+    def step(x, y):
+        x_adv = pgd(model, x, y, cfg.epsilon, cfg.step_size, cfg.num_steps, cfg.distance, attack_loss, start)
+        return train_MIAT.namid_objective(model, est_n, est_a, x, x_adv, y, cfg)
+    return step
+
+
+def with_amp(step, device, enabled: bool):
+    if not enabled:
+        return step
+
+    def amp_step(x, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return step(x, y)
+    return amp_step
+
+
+# --------------------------------------------------------------------------- the cases
+
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device):
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def _result(case, arch, impl, dtype, batch, steps, epoch_name, epoch_images, notes="", peak=None):
+    """One row: ``steps`` are the seconds of each timed step; the median sets the throughput,
+    so that a burst of load from elsewhere on a shared machine moves it less than the mean."""
+    per_step = statistics.median(steps)
+    return {"case": case, "arch": arch, "input": "x".join(map(str, shape_of(arch))), "impl": impl, "dtype": dtype,
+            "batch": batch, "iters": len(steps), "step_seconds": steps, "seconds_per_iter": per_step,
+            "seconds_per_iter_mean": statistics.mean(steps), "images_per_s": batch / per_step,
+            "epoch_dataset": epoch_name, "epoch_images": epoch_images, "epoch_seconds": epoch_images * per_step / batch,
+            "peak_memory_mib": peak, "notes": notes}
+
+
+def time_ours(case: str, arch: str, args, device, split, info):
+    """Our step as the script builds it, inside utils.training.train_epoch over a BatchLoader.
+
+    Returns (seconds of each timed step, notes, peak memory in MiB or None)."""
+    cfg = step_config(args)
+    model = target(arch, device, args.seed)
+    if case == "train-step":
+        trained, optimizer, step = model, sgd(model), ours_train_step(model, cfg)
+        notes = f"PGD-{cfg.num_steps} + 1 forward of x̃ (Standard AT)"
+    elif case == "estimator-step":
+        model.eval().requires_grad_(False)
+        trained = nn.ModuleDict(dict(zip(("natural", "adversarial"), estimators(arch, args.va_hsize, device,
+                                                                                args.seed))))
+        optimizer = torch.optim.Adam(trained.parameters(), lr=1e-2)
+        step = ours_estimator_step(model, trained, cfg)
+        notes = f"H={args.va_hsize}; PGD-{cfg.num_steps} + 2 no-grad target forwards, each local net once"
+    else:
+        est_n, est_a = (train_MIAT.freeze(e) for e in estimators(arch, args.va_hsize, device, args.seed))
+        trained, optimizer, step = model, sgd(model), ours_namid_step(model, est_n, est_a, cfg)
+        notes = f"H={args.va_hsize}; PGD-{cfg.num_steps} + 2 target forwards, each local net once"
+    reset_peak(device)
+    clock = Clock(ours_loader(split, info, args.batch_size, device, args.seed), args.warmup, device)
+    train_epoch(trained, clock, with_amp(step, device, args.amp), optimizer, case, progress=False)
+    return clock.step_seconds(), notes, peak_mib(device)
+
+
+def time_reference(case: str, arch: str, args, device, split):
+    """The release's step (release_reference.py) over its PIL/torchvision DataLoader; same return as time_ours."""
+    cfg = step_config(args)
+    model = target(arch, device, args.seed)
+    loader = ref.release_loader(split.images, split.labels, args.batch_size, args.ref_workers, args.seed)
+    reset_peak(device)
+    clock = Clock(ToDevice(loader, device), args.warmup, device)
+    if case == "train-step":
+        optimizer = sgd(model)
+        for x, y in clock:
+            ref.train_step(model, optimizer, x, y, cfg)
+        notes = f"PGD-{cfg.num_steps} with parameter gradients + 1 forward of x̃"
+    elif case == "estimator-step":
+        model.eval()  # parameters keep requires_grad=True: the attack computes their gradients
+        est_n, est_a = estimators(arch, args.va_hsize, device, args.seed)
+        optimizers = tuple(torch.optim.Adam(e.parameters(), lr=1e-2) for e in (est_n, est_a))
+        for e in (est_n, est_a):
+            e.train()
+        for x, y in clock:
+            ref.estimator_step(model, est_n, est_a, optimizers, x, y, cfg)
+        notes = (f"H={args.va_hsize}; PGD-{cfg.num_steps} with parameter gradients + 6 target forwards, "
+                 "each local net twice")
+    else:
+        est_n, est_a = (train_MIAT.freeze(e) for e in estimators(arch, args.va_hsize, device, args.seed))
+        optimizer = sgd(model)
+        for x, y in clock:
+            ref.namid_step(model, est_n, est_a, optimizer, x, y, cfg)
+        notes = (f"H={args.va_hsize}; PGD-{cfg.num_steps} with parameter gradients + 7 target forwards, "
+                 "each local net twice")
+    return clock.step_seconds(), f"{notes}; DataLoader workers={args.ref_workers}", peak_mib(device)
+
+
+def run_training_case(case: str, arch: str, args, device) -> list:
+    """Ours and the reference on the same batches and budget, alternated ``--repeats`` times
+    (ours, reference, ours, ...) so that a drift in the machine's load hits both alike."""
+    shape = shape_of(arch)
+    split, info = synthetic(shape, args.batch_size * (args.warmup + args.iters), args.seed)
+    epoch_name, epoch_images = EPOCHS.get(shape, (f"{shape}", 50_000))[:2]
+    names = ("ours",) if args.no_reference else ("ours", "reference")
+    steps, notes, peaks = {n: [] for n in names}, {}, {}
+    for _ in range(args.repeats):
+        for impl in names:
+            if impl == "ours":
+                times, notes[impl], peak = time_ours(case, arch, args, device, split, info)
+            else:
+                times, notes[impl], peak = time_reference(case, arch, args, device, split)
+            steps[impl] += times
+            peaks[impl] = peak if peaks.get(impl) is None else max(peaks[impl], peak)
+    dtypes = {"ours": "bfloat16 (autocast)" if args.amp else "float32", "reference": "float32"}
+    return [_result(case, arch, impl, dtypes[impl], args.batch_size, steps[impl], epoch_name, epoch_images,
+                    notes[impl], peaks[impl]) for impl in names]
+
+
+def run_pgd40(arch: str, args, device) -> list:
+    """utils.training.evaluate: clean forward, PGD-40 (step ε/4), forward, under no_grad where possible."""
+    shape = shape_of(arch)
+    split, info = synthetic(shape, args.batch_size * (args.warmup + args.iters), args.seed)
+    model = target(arch, device, args.seed)
+    reset_peak(device)
+    clock = Clock(ours_loader(split, info, args.batch_size, device, args.seed, augment=False), args.warmup, device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
+    with ctx:
+        evaluate(model, clock, EPSILON, EPSILON / 4, 40, "l_inf", progress=False)
+    name, images = EPOCHS.get(shape, (None, None, f"{shape}", 10_000))[2:]
+    dtype = "bfloat16 (autocast)" if args.amp else "float32"
+    return [_result("pgd40-eval", arch, "ours", dtype, args.batch_size, clock.step_seconds(), name, images,
+                    "forward + PGD-40 + forward", peak_mib(device))]
+
+
+def run_autoattack(arch: str, args, device) -> list:
+    """AutoAttack on AA_IMAGES images, labelled by the model's own predictions so that every point
+    starts correctly classified. Its cost grows with the points that stay robust after each attack:
+    on this untrained (non-robust) model most fall to APGD-CE early, so on a robust model expect more."""
+    shape = shape_of(arch)
+    split, _ = synthetic(shape, AA_IMAGES, args.seed)
+    model = target(arch, device, args.seed).eval()
+    x = split.images.to(device).float() / 255
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    if args.aa_version == "quick":
+        kwargs, label = QUICK_AA, "custom APGD-CE + APGD-T, 10 iterations (--quick; NOT standard AutoAttack)"
+    else:
+        kwargs, label = {"version": args.aa_version}, f"AutoAttack version {args.aa_version}"
+    reset_peak(device)
+    start = now(device)
+    x_adv = autoattack(model, x, y, EPSILON, "linf", batch_size=AA_IMAGES, **kwargs)
+    seconds = now(device) - start
+    with torch.no_grad():
+        robust = (model(x_adv).argmax(1) == y).float().mean().item() * 100
+    name, images = EPOCHS.get(shape, (None, None, f"{shape}", 10_000))[2:]
+    return [_result("autoattack-100", arch, "ours", "float32", AA_IMAGES, [seconds], name, images,
+                    f"{label}; {robust:.0f}% still robust after it (the cost grows with that share; untrained model)",
+                    peak_mib(device))]
+
+
+# --------------------------------------------------------------------------- report
+
+COLUMNS = ("case", "arch", "input", "impl", "dtype", "batch", "s/iter (median)", "img/s", "s/epoch", "epoch of")
+
+
+def rows(results):
+    for r in results:
+        yield (r["case"], r["arch"], r["input"], r["impl"], r["dtype"], str(r["batch"]), f"{r['seconds_per_iter']:.3g}",
+               f"{r['images_per_s']:.1f}", f"{r['epoch_seconds']:.4g}", f"{r['epoch_dataset']} ({r['epoch_images']:,})")
+
+
+def table(results) -> str:
+    body = [COLUMNS, *rows(results)]
+    widths = [max(len(row[i]) for row in body) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown(results) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(results)]
+    return "\n".join(lines)
+
+
+def summarize(results) -> dict:
+    """ours / reference in throughput (images per second): > 1 means ours is faster."""
+    found = {(r["case"], r["arch"], r["impl"]): r for r in results}
+    summary = {}
+    for case, arch in sorted({(r["case"], r["arch"]) for r in results}, key=lambda k: (CASES.index(k[0]), k[1])):
+        ours, base = found.get((case, arch, "ours")), found.get((case, arch, "reference"))
+        if ours and base:
+            summary[f"{case}/{arch}"] = {"ours_images_per_s": ours["images_per_s"],
+                                         "reference_images_per_s": base["images_per_s"],
+                                         "ours_over_reference": ours["images_per_s"] / base["images_per_s"]}
+    return summary
+
+
+def git_commit():
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = resolve(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = device_name(device)
+    out = Path(args.out) if args.out else default_out(device)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load = f"; load average {load_before[0]:.1f}" if load_before else ""
+    print(f"device: {name} ({device.type}); torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"batch {args.batch_size}, warm-up {args.warmup}, timed {args.iters} × {args.repeats}{load}", flush=True)
+
+    results = []
+    for case in (c for c in CASES if c in args.only):
+        for arch in args.arch or DEFAULT_ARCHS.get(case, ("resnet18",)):
+            print(f"  {case} {arch} ...", flush=True)
+            if case == "pgd40-eval":
+                results += run_pgd40(arch, args, device)
+            elif case == "autoattack-100":
+                results += run_autoattack(arch, args, device)
+            else:
+                results += run_training_case(case, arch, args, device)
+
+    print()
+    print(table(results))
+    summary = summarize(results)
+    if summary:
+        print("\nours / reference (throughput; > 1: ours faster):")
+        for key, s in summary.items():
+            mark = "" if tuple(key.split("/")) in SUMMARY else " (extra)"
+            print(f"  {key:28s} {s['ours_over_reference']:6.2f}x   "
+                  f"({s['ours_images_per_s']:.1f} vs {s['reference_images_per_s']:.1f} img/s){mark}")
+    for r in results:
+        if r["notes"]:
+            print(f"note: {r['case']} {r['arch']} {r['impl']}: {r['notes']}")
+    if device.type == "cpu":
+        print("note: CPU timings on a shared machine are noisy; compare ratios from the same run only.")
+
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    record = {
+        "device": name, "device_type": device.type, "torch": torch.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_average": {"before": load_before, "after": load_after}, "commit": git_commit(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"}, "epsilon": EPSILON,
+        "reference_namid_passes": list(ref.NAMID_PASSES), "results": results, "summary": summary,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    out.with_suffix(".md").write_text(f"Device: {name}, batch {args.batch_size}, {args.iters} timed steps × "
+                                      f"{args.repeats}; s/iter is the median step\n\n"
+                                      + markdown(results) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""benchmarks/: the script runs and writes its JSON; the release reference does the work it claims.
+
+No timing is asserted here: timings belong to benchmarks/benchmark.py's printed figures."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+import train_MIAT
+from benchmarks import benchmark
+from benchmarks import release_reference as ref
+from models.estimator import build_estimator
+
+HSIZE = 16
+STEPS = 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: on a busy 2-core machine a second intra-op thread only adds scheduler stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cfg():
+    return SimpleNamespace(**{**vars(benchmark.step_config(SimpleNamespace(pgd_steps=STEPS))),
+                              "epsilon": 0.1, "step_size": 0.03})
+
+
+def model_and_batch(n=8):
+    model = benchmark.target("smallcnn", "cpu", seed=0)  # last layer re-initialised: predictions vary
+    x = torch.rand(n, 1, 28, 28)
+    y = torch.randint(0, 10, (n,))
+    return model, x, y
+
+
+def count_forwards(module):
+    calls = []
+    module.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_quick_run_writes_json_with_the_fields(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--quick", "--only", "train-step", "--iters", "1", "--warmup", "0", "--batch-size", "4",
+                    "--arch", "smallcnn", "--device", "cpu", "--pgd-steps", "2", "--ref-workers", "0",
+                    "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert out.with_suffix(".md").exists()
+    assert record["device_type"] == "cpu" and record["device"]
+    results = record["results"]
+    assert {r["impl"] for r in results} == {"ours", "reference"}
+    for r in results:
+        assert r["case"] == "train-step" and r["arch"] == "smallcnn" and r["input"] == "1x28x28"
+        assert r["batch"] == 4 and r["dtype"] == "float32"
+        assert r["images_per_s"] > 0 and r["epoch_seconds"] > 0 and r["epoch_images"] == 60_000
+    assert set(record["summary"]["train-step/smallcnn"]) == {"ours_images_per_s", "reference_images_per_s",
+                                                            "ours_over_reference"}
+    printed = capsys.readouterr().out
+    assert "ours / reference" in printed and "img/s" in printed
+
+
+def test_default_out_is_named_after_the_device():
+    assert benchmark.default_out(torch.device("cpu")).name == "cpu.json"
+
+
+def test_reference_namid_runs_the_target_seven_times_ours_twice():
+    model, x, y = model_and_batch()
+    est_n, est_a = (train_MIAT.freeze(build_estimator(1, 10, HSIZE)) for _ in range(2))
+    calls = count_forwards(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    ref.namid_step(model, est_n, est_a, optimizer, x, y, cfg())
+    assert len(calls) == STEPS + 7 == STEPS + len(ref.NAMID_PASSES)
+
+    calls.clear()
+    model.train()
+    loss, _, _ = benchmark.ours_namid_step(model, est_n, est_a, cfg())(x, y)
+    loss.backward()
+    assert len(calls) == STEPS + 2
+
+
+def test_reference_estimator_step_runs_the_target_six_times_ours_twice():
+    model, x, y = model_and_batch()
+    model.eval()
+    ests = nn.ModuleDict({k: build_estimator(1, 10, HSIZE) for k in ("natural", "adversarial")})
+    optimizers = tuple(torch.optim.Adam(e.parameters(), lr=0.0) for e in ests.values())
+    calls = count_forwards(model)
+    locals_ = count_forwards(ests["natural"].local)
+    ref.estimator_step(model, ests["natural"], ests["adversarial"], optimizers, x, y, cfg())
+    assert len(calls) == STEPS + 6 and len(locals_) == 2
+
+    calls.clear()
+    locals_.clear()
+    model.requires_grad_(False)
+    loss, _, _ = benchmark.ours_estimator_step(model, ests, cfg())(x, y)
+    loss.backward()
+    assert len(calls) == STEPS + 2 and len(locals_) == 1
+
+
+def test_reference_attack_fills_parameter_gradients_then_zeroes_them_and_stays_in_the_ball():
+    model, x, y = model_and_batch()
+    seen = []
+    for p in model.parameters():
+        p.register_hook(lambda g: seen.append(1))
+    x_adv = ref.release_pgd(model, x, y, 0.1, 0.03, STEPS)
+    assert seen, "the release's attack back-propagates into the parameters"
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_release_loader_serves_augmented_float_batches():
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(6)
+    x, y = next(iter(ref.release_loader(images, labels, batch_size=4, workers=0)))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert y.dtype == torch.int64 and y.shape == (4,)
