@@ -54,7 +54,9 @@ def preset(name: str, data_dir: str) -> Dict[str, List[str]]:
         return {"common": common, "stage1": train, "stage3": train,
                 "stage2": ["--epochs", "2", "--batch-size", "200", "--va-hsize", "256", "--num-steps", "5",
                            "--lr-milestones", "1"],
-                "eval": ["--attacks", "pgd40,aa", "--n-examples", "200", "--eps-sweep", "0,0.05,0.1,0.15,0.2"]}
+                # AutoAttack takes several minutes per model on a CPU: add it with --eval-args "--attacks pgd40,aa".
+                "eval": ["--attacks", "pgd40,mifgsm,fwa40", "--n-examples", "200",
+                         "--eps-sweep", "0,0.05,0.1,0.15,0.2"]}
     if name == "paper-cifar10":
         return {"common": ["--dataset", "cifar10", "--data-dir", data_dir, "--arch", "resnet18"],
                 "stage1": [], "stage2": [], "stage3": [],
