@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -8,7 +7,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The tests use tiny tensors: a second OpenMP thread only adds fork/join waits (on a busy
+# 2-core machine it made some modules 10-100x slower).
+torch.set_num_threads(1)
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 HAVE_FASHION = (FASHION_DIR / "train-images-idx3-ubyte.gz").exists()

@@ -43,18 +43,8 @@ def _images(n: int, generator: torch.Generator):
     return x, y
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These tensors are tiny: a second OpenMP thread only adds fork/join waits, which on a
-    # busy 2-core machine made the module 100× slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def tiny(_one_thread):
+def tiny():
     g = torch.Generator().manual_seed(0)
     x_train, y_train = _images(2000, g)
     x_test, y_test = _images(32, g)

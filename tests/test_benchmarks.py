@@ -4,7 +4,6 @@ No timing is asserted here: timings belong to benchmarks/benchmark.py's printed 
 import json
 from types import SimpleNamespace
 
-import pytest
 import torch
 import torch.nn as nn
 
@@ -15,15 +14,6 @@ from models.estimator import build_estimator
 
 HSIZE = 16
 STEPS = 3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: on a busy 2-core machine a second intra-op thread only adds scheduler stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cfg():

@@ -31,13 +31,7 @@ def _mlp(hidden: int = 16) -> nn.Module:
 @functools.cache
 def _trained_estimate(mode: str, rho: float, steps: int = 400) -> float:
     """Train a separable critic <g(x), f(y)> through mi_per_sample, then estimate on fresh pairs."""
-    # Ops this small run several times faster on one thread, above all on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _train_and_estimate(mode, rho, steps)
-    finally:
-        torch.set_num_threads(threads)
+    return _train_and_estimate(mode, rho, steps)
 
 
 def _train_and_estimate(mode: str, rho: float, steps: int) -> float:

@@ -41,15 +41,6 @@ def _run(capsys, argv):
     return run_script(capsys, SCRIPT, [*DATA, *argv])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: a second OpenMP thread on a busy 2-core machine only adds waiting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A run folder holding best_model.pth of a SmallCNN with ~90 % clean accuracy."""

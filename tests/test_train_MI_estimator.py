@@ -24,16 +24,6 @@ TABLE_KEYS = [f"{kind}_mi_{v}_{s}" for kind in ("natural", "adversarial") for v 
               for s in ("right", "wrong")] + ["n_right", "n_wrong"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These small convolutions run several times faster on one thread than on two busy cores,
-    where the second thread mostly spins waiting for the first."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pre_target(tmp_path_factory):
     """A briefly trained SmallCNN (plain state_dict), so that R and W are both non-empty at ε 0.1."""
