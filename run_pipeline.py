@@ -48,11 +48,11 @@ def preset(name: str, data_dir: str) -> Dict[str, List[str]]:
     if name == "demo":
         dataset = demo_dataset(data_dir)
         common = ["--dataset", dataset, "--data-dir", data_dir, "--arch", "smallcnn", "--epsilon", "0.1",
-                  "--train-limit", "2000", "--test-limit", "500"]
+                  "--train-limit", "2000", "--test-limit", "500", "--va-hsize", "256"]
         train = ["--epochs", "3", "--warm-up-epochs", "1", "--batch-size", "64", "--lr", "0.05",
                  "--lr-milestones", "3", "--num-steps", "5", "--eval-steps", "10"]
         return {"common": common, "stage1": train, "stage3": train,
-                "stage2": ["--epochs", "2", "--batch-size", "200", "--va-hsize", "256", "--num-steps", "5",
+                "stage2": ["--epochs", "2", "--batch-size", "200", "--num-steps", "5",
                            "--lr-milestones", "1"],
                 # AutoAttack takes several minutes per model on a CPU: add it with --eval-args "--attacks pgd40,aa".
                 "eval": ["--attacks", "pgd40,mifgsm,fwa40", "--n-examples", "200",

@@ -46,3 +46,18 @@ def test_interrupted_stage_resumes(tmp_path, capsys):
 def test_unknown_override_is_one_line(tmp_path, capsys):
     result = run_script(capsys, "run_pipeline", ["--preset", "demo", "--no-such-flag", "3", "--out-dir", tmp_path])
     assert_user_error(result, "--no-such-flag")
+
+
+def test_every_preset_gives_stage_2_and_stage_3_the_same_estimator_shape(tmp_path):
+    """Stage 3 loads stage 2's files: both must parse the same --va-hsize and internal flags."""
+    import run_pipeline
+    import train_MI_estimator
+    import train_MIAT
+
+    for preset in ("demo", "paper-cifar10", "paper-tinyimagenet"):
+        args, extra = run_pipeline.build_parser().parse_known_args(["--preset", preset, "--out-dir", str(tmp_path)])
+        pipe = run_pipeline.Pipeline(args, extra)
+        two = train_MI_estimator.parse_args(pipe.argv(train_MI_estimator, "stage2", "--pre-target", "x"))
+        three = train_MIAT.parse_args(pipe.argv(train_MIAT, "stage3", "--mi-dir", "x"))
+        for flag in ("va_hsize", "is_internal", "is_internal_last", "mi_mode", "arch", "dataset"):
+            assert getattr(two, flag) == getattr(three, flag), (preset, flag)
