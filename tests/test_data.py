@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FASHION_DIR, HAVE_FASHION
 
+from tests.conftest import FASHION_DIR, HAVE_FASHION
 from utils import data as D
 from utils.data import (
     BatchLoader,
