@@ -17,7 +17,7 @@ import train_standard
 from models import get_model
 from tests.helpers import assert_user_error, run_script
 from utils import evaluation as ev
-from utils.attacks.registry import build_attack, robust_mask
+from utils.attacks.registry import Attack, build_attack, robust_mask
 from utils.data import Split, load_splits
 from utils.training import seed_everything
 
@@ -139,6 +139,36 @@ def test_worst_case_is_the_and_of_the_per_attack_masks(trained, test_split):
         seed_everything(0)
         x_adv = attack(model, x, y)
         assert torch.equal(result.robust[attack.name], robust_mask(model, x, y, x_adv, attack)), attack.name
+
+
+def test_white_box_attacks_only_the_correctly_classified_examples():
+    model = _Tiny("plain").eval()
+    split = _tiny_split(64)
+    x = split.images.float() / 255
+    with torch.no_grad():
+        correct = model(x).argmax(dim=1) == split.labels
+    assert 0 < int(correct.sum()) < 64  # the test needs both kinds
+    seen = []
+
+    def run(net, xb, yb, eps):
+        seen.append(yb.clone())
+        return xb.flip(0)  # another example's image: broken where that one's class differs
+
+    spy = Attack(name="spy", norm="linf", epsilon=1.0, minimum_norm=False, budget="linf", run=run)
+    engine = ev.Evaluation({"m": model}, split, batch_size=16, device="cpu", progress=False,
+                           report=ev.Report(echo=False))
+    result = engine.run([spy])["m"]
+    assert torch.equal(torch.cat(seen), split.labels[correct])
+    assert not (result.robust["spy"] & ~correct).any()
+    # Each attacked batch is scored on its own: recompute the mask from the same flipped batches.
+    expected = []
+    for k in range(4):
+        part = slice(16 * k, 16 * (k + 1))
+        keep = correct[part]
+        with torch.no_grad():
+            adv_right = model(x[part][keep].flip(0)).argmax(dim=1) == split.labels[part][keep]
+        expected.append(torch.zeros(16, dtype=torch.bool).masked_scatter(keep, adv_right))
+    assert torch.equal(result.robust["spy"], torch.cat(expected))
 
 
 def test_transfer_crafts_on_the_surrogate_only(trained, tmp_path, capsys, monkeypatch):

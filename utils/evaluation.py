@@ -341,8 +341,14 @@ class Evaluation:
         craft, own = 0.0, {n: 0.0 for n in names}
         with forward_warnings(self.report, f"{attack.name} ({desc}): "):
             for x, y, part in self._batches(f"{desc}: {attack.name}"):
+                # White-box: an example the target already misclassifies counts as broken whatever the
+                # attack does, so only the correct ones are attacked (AutoAttack does the same).
+                keep = None if self.transfer else self.results[names[0]].clean[part]
+                if keep is not None and not keep.all():
+                    on = keep.to(x.device)
+                    x, y = x[on], y[on]
                 began = time.perf_counter()
-                x_adv = attack(source, x, y)
+                x_adv = attack(source, x, y) if len(y) else x
                 _sync(self.device)
                 craft += time.perf_counter() - began
                 for n in names:
@@ -350,7 +356,10 @@ class Evaluation:
                     outcome = attack_outcome(self.targets[n], x, y, x_adv, attack)
                     clean = self.results[n].clean[part]
                     for e in epsilons:
-                        masks[n][e].append(clean & ~outcome.broken(e))
+                        robust = ~outcome.broken(e)
+                        if keep is not None:
+                            robust = torch.zeros_like(keep).masked_scatter(keep, robust)
+                        masks[n][e].append(clean & robust)
                     if not attack.minimum_norm:
                         outside[n] += outcome.outside(attack.epsilon)
                     own[n] += time.perf_counter() - began
