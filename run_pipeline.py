@@ -7,6 +7,7 @@ with --resume, so running the same command again picks up where it stopped.
 Any flag of the underlying scripts can be given after the pipeline's own flags; it goes to
 every stage whose script knows it (``--epochs 3`` reaches all three training stages). For a
 single stage, use --stage1-args / --stage2-args / --stage3-args / --eval-args "…"."""
+import argparse
 import json
 import shlex
 import sys
@@ -34,6 +35,7 @@ PAPER_LINF = {
     "NAMID-T": (80.67, 47.53, 43.39, 21.17, 59.13), "MART": (78.21, 50.23, 43.96, 25.56, 58.62),
     "NAMID-M": (78.38, 51.69, 44.42, 25.64, 61.26),
 }
+PAPER_SWEEP = ["--attacks", "pgd40", "--n-examples", "1000", "--eps-sweep", "0,2/255,4/255,8/255,12/255,16/255"]
 PAPER_TINY = {"Standard AT": (48.40, 17.35, 11.27, 10.29, 27.84), "NAMID": (48.41, 18.67, 12.29, 11.32, 29.37)}
 
 
@@ -57,16 +59,26 @@ def preset(name: str, data_dir: str) -> Dict[str, List[str]]:
                 "stage2": ["--epochs", "2", "--batch-size", "200", "--num-steps", "5",
                            "--lr-milestones", "1"],
                 # AutoAttack takes several minutes per model on a CPU: add it with --eval-args "--attacks pgd40,aa".
-                "eval": ["--attacks", "pgd40,mifgsm,fwa40", "--n-examples", "200",
-                         "--eps-sweep", "0,0.05,0.1,0.15,0.2"]}
+                "eval": ["--attacks", "pgd40,mifgsm,fwa40", "--n-examples", "200"],
+                "sweep": ["--attacks", "pgd20", "--n-examples", "200", "--eps-sweep", "0,0.05,0.1,0.15,0.2"]}
+    if name == "fashion-mnist":
+        # The committed CPU-scale reproduction (results/fashion-mnist/): a 6,000-image training subset,
+        # 6 epochs; evaluation on the full 10,000-image test set. α = 0.1 for the reason of the demo.
+        common = ["--dataset", "fashion-mnist", "--data-dir", data_dir, "--arch", "smallcnn", "--epsilon", "0.1",
+                  "--train-limit", "6500", "--val-size", "500", "--va-hsize", "512", "--channels-last"]
+        train = ["--epochs", "6", "--warm-up-epochs", "1", "--batch-size", "100", "--lr", "0.05",
+                 "--lr-milestones", "5", "--num-steps", "10", "--eval-steps", "10"]
+        return {"common": common, "stage1": train, "stage3": [*train, "--alpha", "0.1"],
+                "stage2": ["--epochs", "4", "--batch-size", "200", "--num-steps", "10", "--lr-milestones", "3"],
+                "eval": ["--attacks", "pgd40", "--batch-size", "500"],
+                "sweep": ["--attacks", "pgd20", "--n-examples", "1000", "--batch-size", "500",
+                          "--eps-sweep", "0,0.05,0.1,0.15,0.2"]}
     if name == "paper-cifar10":
         return {"common": ["--dataset", "cifar10", "--data-dir", data_dir, "--arch", "resnet18"],
-                "stage1": [], "stage2": [], "stage3": [],
-                "eval": ["--attacks", "all-linf", "--eps-sweep", "0,2/255,4/255,8/255,12/255,16/255"]}
+                "stage1": [], "stage2": [], "stage3": [], "eval": ["--attacks", "all-linf"], "sweep": PAPER_SWEEP}
     if name == "paper-tinyimagenet":
         return {"common": ["--dataset", "tiny-imagenet", "--data-dir", data_dir, "--arch", "resnet18"],
-                "stage1": [], "stage2": [], "stage3": [],
-                "eval": ["--attacks", "all-linf", "--eps-sweep", "0,2/255,4/255,8/255,12/255,16/255"]}
+                "stage1": [], "stage2": [], "stage3": [], "eval": ["--attacks", "all-linf"], "sweep": PAPER_SWEEP}
     raise UserError(f"--preset: unknown preset {name!r}")
 
 
@@ -97,6 +109,7 @@ class Pipeline:
         self.extra = extra
         self.log: List[str] = []
         self.steps: List[tuple] = []
+        self.commands: List[tuple] = []  # (script, argv) of every stage this invocation runs
 
     def argv(self, module, stage: str, *specific: str) -> List[str]:
         per_stage = shlex.split(getattr(self.args, f"{stage}_args") or "")
@@ -119,28 +132,117 @@ class Pipeline:
         if state == "resume":
             argv.append("--resume")
         print(f"{head} -> {model_dir}{' (resuming)' if state == 'resume' else ''}", flush=True)
+        self.commands.append((name, argv))
+        if self.args.dry_run:
+            return
         began = time.time()
         module.main(argv)
         self.log.append(f"| {label} | `{name} {' '.join(shlex.quote(a) for a in argv)}` | {time.time() - began:.0f} |")
 
+    def eval_argv(self, *specific: str, sweep: bool = False) -> List[str]:
+        """Preset flags first, then the user's (--eval-args, and --sweep-args for the sweep), so theirs win."""
+        preset_flags = [*self.flags["eval"], *(self.flags["sweep"] if sweep else [])]
+        user = [*route(self.extra, test_comparison), *shlex.split(self.args.eval_args or ""),
+                *(shlex.split(self.args.sweep_args or "") if sweep else [])]
+        return [*route(self.flags["common"], test_comparison), *preset_flags, *specific, *user]
+
     def evaluate(self, models: List[tuple]) -> dict:
-        results = self.out / "results.json"
+        """One test_comparison.py run per model (eval/<dir>.json, skipped when it exists, so an
+        interrupted evaluation resumes model by model), then the ε sweep, merged into results.json."""
         index = len(self.steps) + 1
-        if results.exists() and not self.args.force_eval:
-            print(f"[pipeline {index}/{index}] evaluation: {results} exists, skipped", flush=True)
-            return json.loads(results.read_text())
-        specific = []
-        for name, arch_dir in models:
-            specific += ["--model-dir", str(arch_dir), "--name", name]
-        argv = [*route(self.flags["common"], test_comparison), *self.flags["eval"], *specific,
-                *route(self.extra, test_comparison), *shlex.split(self.args.eval_args or ""),
-                "--out", str(results), "--md", str(self.out / "results.md"), "--plot", str(self.out / "eps_sweep.png")]
-        print(f"[pipeline {index}/{index}] evaluation: test_comparison.py -> {results}", flush=True)
+        done = []
+        for name, model_dir, _ in models:
+            out = self.out / "eval" / f"{model_dir.name}.json"
+            argv = self.eval_argv("--model-dir", str(model_dir), "--name", name, "--out", str(out))
+            self.run_eval(index, f"evaluation of {name}", argv, out)
+            done.append(out)
+        sweep_out = self.out / "eval" / "eps_sweep.json"
+        if self.flags.get("sweep") is not None:
+            specific = [a for (name, folder, in_sweep) in models if in_sweep
+                        for a in ("--model-dir", str(folder), "--name", name)]
+            argv = [*self.eval_argv(*specific, sweep=True), "--out", str(sweep_out),
+                    "--plot", str(self.out / "eps_sweep.png")]
+            self.run_eval(index, "ε sweep", argv, sweep_out)
+        if self.args.dry_run:
+            return {}
+        merged = merge_results([json.loads(path.read_text()) for path in done])
+        if sweep_out.exists():
+            merged["eps_sweep"] = json.loads(sweep_out.read_text())
+        atomic_write_text(self.out / "results.json", json.dumps(merged, indent=2) + "\n")
+        atomic_write_text(self.out / "results.md", results_markdown(merged))
+        return merged
+
+    def run_eval(self, index: int, label: str, argv: List[str], out: Path) -> None:
+        head = f"[pipeline {index}/{index}] {label}: test_comparison.py"
+        if out.exists() and not self.args.force_eval:
+            print(f"{head}: {out} exists, skipped", flush=True)
+            return
+        print(f"{head} -> {out}", flush=True)
+        self.commands.append(("test_comparison.py", argv))
+        if self.args.dry_run:
+            return
         began = time.time()
         test_comparison.main(argv)
-        self.log.append(f"| evaluation | `test_comparison.py {' '.join(shlex.quote(a) for a in argv)}` | "
+        self.log.append(f"| {label} | `test_comparison.py {' '.join(shlex.quote(a) for a in argv)}` | "
                         f"{time.time() - began:.0f} |")
-        return json.loads(results.read_text())
+
+
+GROUP_SUFFIX = " (seed "
+
+
+def group_name(name: str) -> str:
+    """"NAMID (seed 2)" and "NAMID" are runs of one defense."""
+    return name.split(GROUP_SUFFIX)[0]
+
+
+def merge_results(parts: List[dict]) -> dict:
+    """The per-model JSON files of test_comparison.py as one: settings per model, models in order."""
+    models, warnings, settings = [], [], {}
+    for part in parts:
+        for model in part["models"]:
+            models.append(model)
+            settings[model["name"]] = part["settings"]
+        warnings += part.get("warnings", [])
+    return {"models": models, "settings": settings, "warnings": warnings}
+
+
+def mean_std(values: List[float]) -> str:
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean():.2f}" if len(values) == 1 else f"{t.mean():.2f} ± {t.std():.2f}"
+
+
+def results_markdown(merged: dict) -> str:
+    """Every model's row, then the mean ± sample std over seeds of each defense with several."""
+    models = merged["models"]
+    attacks = list(dict.fromkeys(a for m in models for a in m["attacks"]))
+    columns = ["clean", *attacks, "worst case"]
+
+    def cells(m):
+        return [m["clean"], *[m["attacks"].get(a) for a in attacks], m["worst_case"]]
+
+    def row(label, values):
+        return "| " + " | ".join([label, *values]) + " |"
+
+    head = ["| model | n | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    lines = [*head, *[row(m["name"], [str(m["n"]), *("–" if v is None else f"{v:.2f}" for v in cells(m))])
+                      for m in models]]
+    groups: Dict[str, List[dict]] = {}
+    for m in models:
+        groups.setdefault(group_name(m["name"]), []).append(m)
+    multi = {g: ms for g, ms in groups.items() if len(ms) > 1}
+    if multi:
+        lines += ["", "Mean ± standard deviation over seeds (accuracy %):", "",
+                  "| defense | seeds | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+        for g, ms in multi.items():
+            per_column = list(zip(*[cells(m) for m in ms]))
+            lines.append(row(g, [str(len(ms)), *("–" if None in col else mean_std(list(col))
+                                                 for col in per_column)]))
+    n = {m["n"] for m in models}
+    lines += ["", f"Accuracy (%) on the first {'/'.join(str(v) for v in sorted(n))} test images; white-box; "
+              "worst case: correct under every attack, per example."]
+    if merged["warnings"]:
+        lines += ["", "Warnings:", "", *[f"- {w}" for w in merged["warnings"]]]
+    return "\n".join(lines) + "\n"
 
 
 def stage_state(model_dir: Path, output: str, epochs: int) -> str:
@@ -156,17 +258,93 @@ def stage_state(model_dir: Path, output: str, epochs: int) -> str:
     return "done" if epoch >= epochs and (model_dir / output).is_file() else "resume"
 
 
+def seed_list(text: str) -> List[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return seeds
+
+
 def build_parser() -> Parser:
-    p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="demo", choices=("demo", "paper-cifar10", "paper-tinyimagenet"),
-                   help="demo: a few minutes on a CPU (Fashion-MNIST or synthetic); paper-*: the paper's settings")
+    # No abbreviations: --seed (a stage flag) must not be taken for --seeds, nor --epoch for anything here.
+    p = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--preset", default="demo", choices=("demo", "fashion-mnist", "paper-cifar10", "paper-tinyimagenet"),
+                   help="demo: a few minutes on a CPU (Fashion-MNIST or synthetic); fashion-mnist: the committed "
+                        "CPU-scale reproduction (about two hours on 2 cores); paper-*: the paper's settings")
     p.add_argument("--method", default="namid", choices=(*METHODS, "all"), help="which defenses to train")
+    p.add_argument("--seeds", type=seed_list, default=[0],
+                   help="comma-separated seeds for Standard AT and NAMID (stage 2 uses the first seed's model)")
+    p.add_argument("--ablations", action="store_true",
+                   help="also train the paper's Fig. 5 ablations of NAMID: (i) no adversarial MI, (ii) no natural MI, "
+                        "(iii) λ = 0")
     p.add_argument("--out-dir", default=None, help="every stage's outputs and report.md (default runs/<preset>)")
     p.add_argument("--data-dir", default="data")
-    p.add_argument("--force-eval", action="store_true", help="re-run the evaluation even if results.json exists")
-    for stage in ("stage1", "stage2", "stage3", "eval"):
+    p.add_argument("--force-eval", action="store_true", help="re-run the evaluation even if its JSON files exist")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command of every stage still to run, and run nothing (to spread stages over "
+                        "several machines or GPUs: each finished stage is skipped by the next run)")
+    for stage in ("stage1", "stage2", "stage3", "eval", "sweep"):
         p.add_argument(f"--{stage}-args", default="", help=f"extra flags for the {stage} script only, quoted")
     return p
+
+
+ABLATIONS = (("NAMID (i) no adversarial MI", "namid_no_adv_mi", "--no-adv-mi"),
+             ("NAMID (ii) no natural MI", "namid_no_nat_mi", "--no-nat-mi"),
+             ("NAMID (iii) λ = 0", "namid_lam0", "--lam", "0"))
+
+
+def seeded(label: str, folder: str, seed: int, first: int):
+    """The first seed keeps the plain name and folder; the others get " (seed s)" and "_seed<s>"."""
+    if seed == first:
+        return label, folder, ("--seed", str(seed))
+    return f"{label}{GROUP_SUFFIX}{seed})", f"{folder}_seed{seed}", ("--seed", str(seed))
+
+
+def plan(pipe: Pipeline, methods, seeds: List[int], ablations: bool) -> List[tuple]:
+    """Add every stage to ``pipe`` in dependency order; return the models to evaluate as
+    (name, folder, whether it appears in the ε sweep)."""
+    out, first = pipe.out, seeds[0]
+    first_seed = ("--seed", str(first))
+    models = []
+    for seed in seeds:
+        label, folder, flags = seeded("Standard AT", "standard", seed, first)
+        pipe.add(label, train_standard, "stage1", out / folder, "best_model.pth", *flags)
+        models.append((label, out / folder, seed == first))
+    target = out / "standard" / "best_model.pth"
+    if any(m.startswith("namid") for m in methods):
+        pipe.add("MI estimators (Eq. 5)", train_MI_estimator, "stage2", out / "mi_estimator", "global_a_model.pth",
+                 "--pre-target", str(target), *first_seed)
+        pipe.add("MI estimators, plain maximisation (Eq. 4)", train_MI_estimator_only_max, "stage2",
+                 out / "mi_estimator_only_max", "global_a_model.pth", "--pre-target", str(target),
+                 *first_seed)
+    mi = ("--mi-dir", str(out / "mi_estimator"))
+    for method, loss, baseline in (("namid", "ce", None), ("namid-t", "trades", "TRADES"), ("namid-m", "mart", "MART")):
+        if method not in methods:
+            continue
+        if baseline:
+            pipe.add(baseline, train_standard, "stage1", out / baseline.lower(), "best_model.pth", "--loss", loss,
+                     *first_seed)
+            models.append((baseline, out / baseline.lower(), True))
+        for seed in seeds if method == "namid" else [first]:
+            label, folder, flags = seeded(method.upper(), method.replace("-", "_"), seed, first)
+            pipe.add(label, train_MIAT, "stage3", out / folder, "target_model.pth", "--adv-loss", loss, *mi,
+                     *flags)
+            models.append((label, out / folder, seed == first))
+    if "namid" in methods and ablations:
+        for label, folder, *flags in ABLATIONS:
+            pipe.add(label, train_MIAT, "stage3", out / folder, "target_model.pth", "--adv-loss", "ce", *mi, *flags,
+                     *first_seed)
+            models.append((label, out / folder, False))
+    if "wmim" in methods:
+        pipe.add("standard-MI estimator (WMIM)", train_MI_estimator_only_max, "stage2", out / "mi_standard",
+                 "global_std_model.pth", "--pre-target", str(target), "--standard-mi", *first_seed)
+        pipe.add("WMIM", train_MIAT, "stage3", out / "wmim", "target_model.pth", "--method", "wmim",
+                 "--mi-dir", str(out / "mi_standard"), *first_seed)
+        models.append(("WMIM", out / "wmim", True))
+    return models
 
 
 def main(argv=None):
@@ -174,42 +352,26 @@ def main(argv=None):
     args, extra = p.parse_known_args(argv)
     modules = (train_standard, train_MI_estimator, train_MI_estimator_only_max, train_MIAT, test_comparison)
     check_overrides(extra, modules)
+    if "--seed" in (token.split("=", 1)[0] for token in extra):
+        raise UserError("--seed: use --seeds, which the pipeline hands to each stage")
     pipe = Pipeline(args, extra)
     out = pipe.out
     methods = METHODS if args.method == "all" else (args.method,)
-    models = [("Standard AT", out / "standard")]
-    pipe.add("Standard AT", train_standard, "stage1", out / "standard", "best_model.pth")
-    target = out / "standard" / "best_model.pth"
-    if any(m.startswith("namid") for m in methods):
-        pipe.add("MI estimators (Eq. 5)", train_MI_estimator, "stage2", out / "mi_estimator", "global_a_model.pth",
-                 "--pre-target", str(target))
-        pipe.add("MI estimators, plain maximisation (Eq. 4)", train_MI_estimator_only_max, "stage2",
-                 out / "mi_estimator_only_max", "global_a_model.pth", "--pre-target", str(target))
-    for method, loss, baseline in (("namid", "ce", None), ("namid-t", "trades", "TRADES"), ("namid-m", "mart", "MART")):
-        if method not in methods:
-            continue
-        if baseline:
-            pipe.add(baseline, train_standard, "stage1", out / baseline.lower(), "best_model.pth", "--loss", loss)
-            models.append((baseline, out / baseline.lower()))
-        label = method.upper()
-        pipe.add(label, train_MIAT, "stage3", out / method, "target_model.pth", "--adv-loss", loss,
-                 "--mi-dir", str(out / "mi_estimator"))
-        models.append((label, out / method))
-    if "wmim" in methods:
-        pipe.add("standard-MI estimator (WMIM)", train_MI_estimator_only_max, "stage2", out / "mi_standard",
-                 "global_std_model.pth", "--pre-target", str(target), "--standard-mi")
-        pipe.add("WMIM", train_MIAT, "stage3", out / "wmim", "target_model.pth", "--method", "wmim",
-                 "--mi-dir", str(out / "mi_standard"))
-        models.append(("WMIM", out / "wmim"))
+    models = plan(pipe, methods, args.seeds, args.ablations)
 
     dataset = train_standard.parse_args(pipe.argv(train_standard, "stage1")).dataset
     print(f"[pipeline] preset {args.preset} on {dataset}"
           f"{' (Fashion-MNIST is not installed: synthetic data)' if dataset == 'synthetic' else ''}; "
           f"outputs in {out}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if not args.dry_run:
+        out.mkdir(parents=True, exist_ok=True)
     for index, step in enumerate(pipe.steps, 1):
         pipe.run_stage(index, *step)
     pipe.evaluate(models)
+    if args.dry_run:
+        for script, stage_argv in pipe.commands:
+            print(f"python {script} {' '.join(shlex.quote(a) for a in stage_argv)}")
+        return
     write_report(pipe, dataset)
     print(f"[pipeline] done: {out / 'report.md'}", flush=True)
 

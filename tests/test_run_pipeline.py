@@ -6,7 +6,7 @@ from tests.helpers import assert_user_error, run_script
 TINY = ["--preset", "demo", "--method", "namid", "--dataset", "synthetic", "--train-limit", "64",
         "--test-limit", "32", "--epochs", "1", "--warm-up-epochs", "0", "--batch-size", "32", "--va-hsize", "16",
         "--num-steps", "2", "--eval-steps", "2", "--no-progress",
-        "--eval-args", "--attacks pgd5 --n-examples 16 --eps-sweep 0,0.05,0.1"]
+        "--eval-args", "--attacks pgd5 --n-examples 16", "--sweep-args", "--attacks pgd5 --eps-sweep 0,0.05,0.1"]
 
 
 def test_demo_runs_end_to_end_and_fills_every_report_section(tmp_path, capsys):
@@ -23,12 +23,14 @@ def test_demo_runs_end_to_end_and_fills_every_report_section(tmp_path, capsys):
                  "mi_estimator_only_max/mi_table.png", "namid/target_model.pth", "results.json", "eps_sweep.png"):
         assert (tmp_path / name).is_file(), name
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results
+    assert [m["name"] for m in results["models"]] == ["Standard AT", "NAMID"]
+    assert all(m["n"] == 16 and "pgd5" in m["attacks"] for m in results["models"])
+    assert results["eps_sweep"]["settings"]["eps_sweep"]["epsilons"] == [0, 0.05, 0.1]
 
     # Running it again skips every stage; the report is rewritten.
     code, out, err = run_script(capsys, "run_pipeline", [*TINY, "--out-dir", tmp_path])
     assert code == 0, err
-    assert out.count("skipped") == 5
+    assert out.count("skipped") == 4 + 2 + 1  # four stages, two evaluations, the sweep
 
 
 def test_interrupted_stage_resumes(tmp_path, capsys):
@@ -61,3 +63,59 @@ def test_every_preset_gives_stage_2_and_stage_3_the_same_estimator_shape(tmp_pat
         three = train_MIAT.parse_args(pipe.argv(train_MIAT, "stage3", "--mi-dir", "x"))
         for flag in ("va_hsize", "is_internal", "is_internal_last", "mi_mode", "arch", "dataset"):
             assert getattr(two, flag) == getattr(three, flag), (preset, flag)
+
+
+def dry_run(tmp_path, capsys, *flags):
+    code, out, err = run_script(capsys, "run_pipeline", ["--preset", "fashion-mnist", "--out-dir", tmp_path,
+                                                         "--dry-run", *flags])
+    assert code == 0, err
+    return [line for line in out.splitlines() if line.startswith("python ")]
+
+
+def test_seeds_and_ablations_plan_every_stage_and_run_nothing(tmp_path, capsys):
+    commands = dry_run(tmp_path, capsys, "--method", "all", "--seeds", "0,1,2", "--ablations")
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+    def stage(folder):
+        hits = [c for c in commands if not c.startswith("python test_comparison.py")
+                and c.split("--model-dir ")[1].split()[0] == str(tmp_path / folder)]
+        assert len(hits) == 1, folder
+        return hits[0]
+
+    for s in (1, 2):
+        assert f"--seed {s}" in stage(f"standard_seed{s}") and f"--seed {s}" in stage(f"namid_seed{s}")
+    # Stage 2 and every NAMID variant start from the first seed's Standard AT model and estimators.
+    assert f"--pre-target {tmp_path}/standard/best_model.pth" in stage("mi_estimator")
+    for folder, flag in (("namid_no_adv_mi", "--no-adv-mi"), ("namid_no_nat_mi", "--no-nat-mi"),
+                         ("namid_lam0", "--lam 0"), ("namid_t", "--adv-loss trades"), ("namid_m", "--adv-loss mart")):
+        assert flag in stage(folder) and f"--mi-dir {tmp_path}/mi_estimator" in stage(folder), folder
+    assert "--method wmim" in stage("wmim") and "--standard-mi" in stage("mi_standard")
+    evals = [c for c in commands if c.startswith("python test_comparison.py")]
+    assert len(evals) == 14 + 1  # one per model, then the ε sweep
+    assert all("--n-examples" not in c for c in evals[:-1])  # the full test set
+    sweep = evals[-1]
+    assert "--eps-sweep" in sweep and "seed_1" not in sweep and "namid_lam0" not in sweep
+
+
+def test_seeds_must_be_distinct_integers_and_seed_is_refused(tmp_path, capsys):
+    for bad in ("0,0", "a,1", ""):
+        result = run_script(capsys, "run_pipeline", ["--seeds", bad, "--out-dir", tmp_path, "--dry-run"])
+        assert_user_error(result, "--seeds")
+    assert_user_error(run_script(capsys, "run_pipeline", ["--seed", "3", "--out-dir", tmp_path]), "--seeds")
+
+
+def test_results_markdown_gives_mean_and_std_over_seeds():
+    import run_pipeline
+
+    def model(name, clean, pgd):
+        return {"name": name, "n": 10000, "clean": clean, "attacks": {"pgd40": pgd}, "worst_case": pgd}
+
+    merged = run_pipeline.merge_results([
+        {"settings": {}, "models": [model("NAMID", 80.0, 50.0)], "warnings": []},
+        {"settings": {}, "models": [model("NAMID (seed 1)", 82.0, 54.0)], "warnings": ["w"]},
+        {"settings": {}, "models": [model("TRADES", 70.0, 40.0)], "warnings": []},
+    ])
+    text = run_pipeline.results_markdown(merged)
+    assert "| NAMID | 2 | 81.00 ± 1.41 | 52.00 ± 2.83 | 52.00 ± 2.83 |" in text
+    assert "| TRADES | 1 |" not in text and "| TRADES | 10000 | 70.00 | 40.00 | 40.00 |" in text
+    assert "- w" in text
