@@ -108,3 +108,16 @@ def test_release_loader_serves_augmented_float_batches():
     x, y = next(iter(ref.release_loader(images, labels, batch_size=4, workers=0)))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     assert y.dtype == torch.int64 and y.shape == (4,)
+
+
+def test_ddp_cpu_times_one_process_and_torchrun(tmp_path, capsys):
+    from benchmarks import ddp_cpu
+
+    out = tmp_path / "ddp.json"
+    ddp_cpu.main(["--nproc", "2", "--steps", "1", "--warmup", "1", "--batch-size", "4", "--out", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["processes"] for r in runs.values()] == [1, 1, 2]
+    assert [r["threads_per_process"] for r in runs.values()] == [1, 2, 1]
+    assert all(r["images_per_second"] > 0 for r in runs.values())
+    assert runs["one process, 1 thread"]["speedup"] == 1.0
+    assert "2 processes (DDP)" in capsys.readouterr().out
