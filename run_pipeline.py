@@ -6,7 +6,7 @@ with --resume, so running the same command again picks up where it stopped.
 
 Any flag of the underlying scripts can be given after the pipeline's own flags; it goes to
 every stage whose script knows it (``--epochs 3`` reaches all three training stages). For a
-single stage, use --stage1-args / --stage2-args / --stage3-args / --eval-args "…"."""
+single stage, use --stage1-args / --stage2-args / --stage3-args / --eval-args / --sweep-args "…"."""
 import argparse
 import json
 import shlex
@@ -122,8 +122,9 @@ class Pipeline:
 
     def run_stage(self, index: int, label: str, module, stage: str, model_dir: Path, output: str, specific) -> None:
         argv = self.argv(module, stage, *specific, "--model-dir", str(model_dir))
-        epochs = module.parse_args(argv).epochs
-        state = stage_state(model_dir, output, epochs)
+        parsed = module.parse_args(argv)
+        check_seed(model_dir, parsed.seed)
+        state = stage_state(model_dir, output, parsed.epochs)
         name = Path(module.__file__).name
         head = f"[pipeline {index}/{len(self.steps) + 1}] {label}: {name}"
         if state == "done":
@@ -140,11 +141,16 @@ class Pipeline:
         self.log.append(f"| {label} | `{name} {' '.join(shlex.quote(a) for a in argv)}` | {time.time() - began:.0f} |")
 
     def eval_argv(self, *specific: str, sweep: bool = False) -> List[str]:
-        """Preset flags first, then the user's (--eval-args, and --sweep-args for the sweep), so theirs win."""
-        preset_flags = [*self.flags["eval"], *(self.flags["sweep"] if sweep else [])]
-        user = [*route(self.extra, test_comparison), *shlex.split(self.args.eval_args or ""),
-                *(shlex.split(self.args.sweep_args or "") if sweep else [])]
-        return [*route(self.flags["common"], test_comparison), *preset_flags, *specific, *user]
+        """Preset flags, then the user's, then the models: user flags win, and an --arch of theirs is
+        a default for every model (test_comparison ties an --arch after a model to that model).
+        --eval-args reach the per-model runs, --sweep-args the sweep."""
+        preset_flags = self.flags["sweep"] if sweep else self.flags["eval"]
+        user = [*route(self.extra, test_comparison), *shlex.split((self.args.sweep_args if sweep
+                                                                   else self.args.eval_args) or "")]
+        common = route(self.flags["common"], test_comparison)
+        if "--arch" in user:
+            common = drop_flag(common, "--arch")
+        return [*common, *preset_flags, *user, *specific]
 
     def evaluate(self, models: List[tuple]) -> dict:
         """One test_comparison.py run per model (eval/<dir>.json, skipped when it exists, so an
@@ -154,28 +160,28 @@ class Pipeline:
         for name, model_dir, _ in models:
             out = self.out / "eval" / f"{model_dir.name}.json"
             argv = self.eval_argv("--model-dir", str(model_dir), "--name", name, "--out", str(out))
-            self.run_eval(index, f"evaluation of {name}", argv, out)
+            self.run_eval(index, f"evaluation of {name}", argv, out, [model_dir])
             done.append(out)
         sweep_out = self.out / "eval" / "eps_sweep.json"
-        if self.flags.get("sweep") is not None:
-            specific = [a for (name, folder, in_sweep) in models if in_sweep
-                        for a in ("--model-dir", str(folder), "--name", name)]
-            argv = [*self.eval_argv(*specific, sweep=True), "--out", str(sweep_out),
-                    "--plot", str(self.out / "eps_sweep.png")]
-            self.run_eval(index, "ε sweep", argv, sweep_out)
+        swept = [(name, folder) for (name, folder, in_sweep) in models if in_sweep]
+        specific = [a for (name, folder) in swept for a in ("--model-dir", str(folder), "--name", name)]
+        argv = [*self.eval_argv(*specific, sweep=True), "--out", str(sweep_out),
+                "--plot", str(self.out / "eps_sweep.png")]
+        self.run_eval(index, "ε sweep", argv, sweep_out, [folder for _, folder in swept])
         if self.args.dry_run:
             return {}
         merged = merge_results([json.loads(path.read_text()) for path in done])
-        if sweep_out.exists():
-            merged["eps_sweep"] = json.loads(sweep_out.read_text())
+        sweep = json.loads(sweep_out.read_text())
+        merged["eps_sweep"] = sweep
+        merged["warnings"] += [f"ε sweep: {w}" for w in sweep.get("warnings", [])]
         atomic_write_text(self.out / "results.json", json.dumps(merged, indent=2) + "\n")
         atomic_write_text(self.out / "results.md", results_markdown(merged))
         return merged
 
-    def run_eval(self, index: int, label: str, argv: List[str], out: Path) -> None:
+    def run_eval(self, index: int, label: str, argv: List[str], out: Path, model_dirs: List[Path]) -> None:
         head = f"[pipeline {index}/{index}] {label}: test_comparison.py"
-        if out.exists() and not self.args.force_eval:
-            print(f"{head}: {out} exists, skipped", flush=True)
+        if not self.args.force_eval and eval_is_current(out, argv, model_dirs):
+            print(f"{head}: {out} is up to date, skipped", flush=True)
             return
         print(f"{head} -> {out}", flush=True)
         self.commands.append(("test_comparison.py", argv))
@@ -185,6 +191,36 @@ class Pipeline:
         test_comparison.main(argv)
         self.log.append(f"| {label} | `test_comparison.py {' '.join(shlex.quote(a) for a in argv)}` | "
                         f"{time.time() - began:.0f} |")
+
+
+def drop_flag(argv: List[str], flag: str) -> List[str]:
+    """``argv`` without ``flag`` and its value."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        if token == flag:
+            skip = True
+            continue
+        out.append(token)
+    return out
+
+
+def eval_is_current(out: Path, argv: List[str], model_dirs: List[Path]) -> bool:
+    """An evaluation file counts as done when it was made by the same command and is newer than
+    every checkpoint it evaluated (a stage retrained or extended since makes it stale)."""
+    if not out.is_file():
+        return False
+    try:
+        stored = json.loads(out.read_text())["settings"]["argv"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    if [str(a) for a in stored] != [str(a) for a in argv]:
+        return False
+    made = out.stat().st_mtime
+    checkpoints = [f for d in model_dirs for f in d.glob("*.pth") if f.name != "last.pth"]
+    return all(f.stat().st_mtime <= made for f in checkpoints)
 
 
 GROUP_SUFFIX = " (seed "
@@ -238,11 +274,28 @@ def results_markdown(merged: dict) -> str:
             lines.append(row(g, [str(len(ms)), *("–" if None in col else mean_std(list(col))
                                                  for col in per_column)]))
     n = {m["n"] for m in models}
-    lines += ["", f"Accuracy (%) on the first {'/'.join(str(v) for v in sorted(n))} test images; white-box; "
-              "worst case: correct under every attack, per example."]
+    settings = list(merged["settings"].values())
+    modes = sorted({st.get("mode", "white-box") for st in settings})
+    budgets = {name: a["epsilon"] for st in settings for name, a in st.get("attacks", {}).items()}
+    lines += ["", f"Accuracy (%) on the first {'/'.join(str(v) for v in sorted(n))} test images; {', '.join(modes)}; "
+              + "".join(f"{name} at ε = {eps:.4g}; " for name, eps in budgets.items())
+              + "worst case: correct under every attack, per example."]
     if merged["warnings"]:
         lines += ["", "Warnings:", "", *[f"- {w}" for w in merged["warnings"]]]
     return "\n".join(lines) + "\n"
+
+
+def check_seed(model_dir: Path, seed: int) -> None:
+    """A folder holds one seed's run: reusing it for another seed would mislabel the results."""
+    config = model_dir / "config.json"
+    if not config.is_file():
+        return
+    try:
+        stored = json.loads(config.read_text()).get("seed")
+    except ValueError:
+        return
+    if stored is not None and stored != seed:
+        raise UserError(f"--seeds: {model_dir} holds a run with seed {stored}, not {seed}; use another --out-dir")
 
 
 def stage_state(model_dir: Path, output: str, epochs: int) -> str:
@@ -352,8 +405,12 @@ def main(argv=None):
     args, extra = p.parse_known_args(argv)
     modules = (train_standard, train_MI_estimator, train_MI_estimator_only_max, train_MIAT, test_comparison)
     check_overrides(extra, modules)
-    if "--seed" in (token.split("=", 1)[0] for token in extra):
+    stage_flags = [*extra, *(t for stage in ("stage1", "stage2", "stage3") for t in
+                             shlex.split(getattr(args, f"{stage}_args") or ""))]
+    if "--seed" in (token.split("=", 1)[0] for token in stage_flags):
         raise UserError("--seed: use --seeds, which the pipeline hands to each stage")
+    if args.ablations and args.method not in ("namid", "all"):
+        raise UserError(f"--ablations: the ablations are of NAMID; --method {args.method} trains none")
     pipe = Pipeline(args, extra)
     out = pipe.out
     methods = METHODS if args.method == "all" else (args.method,)

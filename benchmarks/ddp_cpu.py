@@ -4,8 +4,8 @@ process and with ``--nproc`` processes under torchrun (gloo), at equal per-proce
     python benchmarks/ddp_cpu.py --nproc 2 --arch smallcnn --batch-size 64 --steps 20
 
 Each process runs on one thread, so N processes use N cores; a one-process run with N
-threads is timed too, as the alternative use of the same cores. Prints a table and writes
-JSON (default benchmarks/results/ddp_cpu.json)."""
+threads and N times the batch is timed too, as the other way to use the same cores. Prints
+a table and writes JSON (default benchmarks/results/ddp_cpu.json)."""
 import argparse
 import json
 import os
@@ -55,24 +55,26 @@ def worker(args) -> None:
         return BatchLoader(train, args.batch_size * ctx.world_size, shuffle=True, augment=False,
                            generator=torch.Generator().manual_seed(0), rank=ctx.rank, world_size=ctx.world_size)
 
-    train_epoch(model, loader(args.warmup), step, optimizer, "warm-up", progress=False)
+    warmup, timed = loader(args.warmup), loader(args.steps)  # made before the clock starts
+    train_epoch(model, warmup, step, optimizer, "warm-up", progress=False)
     if ctx.enabled:
         dist.barrier()
     began = time.perf_counter()
-    train_epoch(model, loader(args.steps), step, optimizer, "timed", progress=False)
+    train_epoch(model, timed, step, optimizer, "timed", progress=False)
     seconds = torch.tensor(time.perf_counter() - began)
     if ctx.enabled:
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     if ctx.is_main:
         images = args.batch_size * ctx.world_size * args.steps
         print(json.dumps({"processes": ctx.world_size, "threads_per_process": torch.get_num_threads(),
+                          "images_per_step": args.batch_size * ctx.world_size,
                           "seconds": float(seconds), "images_per_second": images / float(seconds)}))
     distributed.shutdown()
 
 
-def launch(args, nproc: int, threads: int) -> dict:
+def launch(args, nproc: int, threads: int, batch: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    flags = ["--arch", args.arch, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+    flags = ["--arch", args.arch, "--batch-size", str(batch), "--steps", str(args.steps),
              "--warmup", str(args.warmup), "--worker"]
     if nproc == 1:
         cmd = [sys.executable, __file__, *flags]
@@ -90,9 +92,13 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args)
         return
-    runs = {"one process, 1 thread": launch(args, 1, 1),
-            f"one process, {args.nproc} threads": launch(args, 1, args.nproc),
-            f"{args.nproc} processes (DDP), 1 thread each": launch(args, args.nproc, 1)}
+    if min(args.nproc, args.steps, args.warmup, args.batch_size) < 1:
+        sys.exit("ddp_cpu.py: --nproc, --steps, --warmup and --batch-size must be at least 1")
+    b = args.batch_size
+    runs = {"one process, 1 thread": launch(args, 1, 1, b),
+            # the same cores and the same step size as the data-parallel run, used by threads instead
+            f"one process, {args.nproc} threads": launch(args, 1, args.nproc, b * args.nproc),
+            f"{args.nproc} processes (DDP), 1 thread each": launch(args, args.nproc, 1, b)}
     base = runs["one process, 1 thread"]["images_per_second"]
     print(f"stage-1 PGD-10 training step, {args.arch}, batch {args.batch_size} per process, {args.steps} steps, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")

@@ -6,7 +6,8 @@ from tests.helpers import assert_user_error, run_script
 TINY = ["--preset", "demo", "--method", "namid", "--dataset", "synthetic", "--train-limit", "64",
         "--test-limit", "32", "--epochs", "1", "--warm-up-epochs", "0", "--batch-size", "32", "--va-hsize", "16",
         "--num-steps", "2", "--eval-steps", "2", "--no-progress",
-        "--eval-args", "--attacks pgd5 --n-examples 16", "--sweep-args", "--attacks pgd5 --eps-sweep 0,0.05,0.1"]
+        "--eval-args", "--attacks pgd5 --n-examples 16",
+        "--sweep-args", "--attacks pgd5 --n-examples 16 --eps-sweep 0,0.05,0.1"]
 
 
 def test_demo_runs_end_to_end_and_fills_every_report_section(tmp_path, capsys):
@@ -111,11 +112,60 @@ def test_results_markdown_gives_mean_and_std_over_seeds():
         return {"name": name, "n": 10000, "clean": clean, "attacks": {"pgd40": pgd}, "worst_case": pgd}
 
     merged = run_pipeline.merge_results([
-        {"settings": {}, "models": [model("NAMID", 80.0, 50.0)], "warnings": []},
+        {"settings": {"attacks": {"pgd40": {"epsilon": 0.1}}}, "models": [model("NAMID", 80.0, 50.0)],
+         "warnings": []},
         {"settings": {}, "models": [model("NAMID (seed 1)", 82.0, 54.0)], "warnings": ["w"]},
         {"settings": {}, "models": [model("TRADES", 70.0, 40.0)], "warnings": []},
     ])
     text = run_pipeline.results_markdown(merged)
     assert "| NAMID | 2 | 81.00 ± 1.41 | 52.00 ± 2.83 | 52.00 ± 2.83 |" in text
     assert "| TRADES | 1 |" not in text and "| TRADES | 10000 | 70.00 | 40.00 | 40.00 |" in text
-    assert "- w" in text
+    assert "- w" in text and "pgd40 at ε = 0.1" in text and "white-box" in text
+
+
+def test_an_evaluation_is_redone_when_its_command_or_checkpoint_changes(tmp_path):
+    import os
+
+    import run_pipeline
+
+    model_dir = tmp_path / "namid"
+    model_dir.mkdir()
+    (model_dir / "target_model.pth").write_bytes(b"weights")
+    (model_dir / "last.pth").write_bytes(b"resume state")
+    out = tmp_path / "eval" / "namid.json"
+    out.parent.mkdir()
+    argv = ["--attacks", "pgd40", "--model-dir", str(model_dir), "--out", str(out)]
+    out.write_text(json.dumps({"settings": {"argv": argv}, "models": []}))
+    made = out.stat().st_mtime
+    os.utime(model_dir / "target_model.pth", (made - 10, made - 10))
+    os.utime(model_dir / "last.pth", (made + 10, made + 10))  # last.pth is not what is evaluated
+    assert run_pipeline.eval_is_current(out, argv, [model_dir])
+    assert not run_pipeline.eval_is_current(out, ["--attacks", "pgd20", *argv[2:]], [model_dir])
+    os.utime(model_dir / "target_model.pth", (made + 10, made + 10))  # retrained since
+    assert not run_pipeline.eval_is_current(out, argv, [model_dir])
+    assert not run_pipeline.eval_is_current(tmp_path / "missing.json", argv, [model_dir])
+
+
+def test_user_flags_win_and_eval_args_stay_out_of_the_sweep(tmp_path):
+    import run_pipeline
+
+    args, extra = run_pipeline.build_parser().parse_known_args(
+        ["--preset", "fashion-mnist", "--out-dir", str(tmp_path), "--arch", "resnet18", "--eval-args", "--attacks aa",
+         "--sweep-args", "--n-examples 50"])
+    pipe = run_pipeline.Pipeline(args, extra)
+    one = pipe.eval_argv("--model-dir", "m")
+    assert one.count("--arch") == 1 and one[one.index("--arch") + 1] == "resnet18"
+    assert one.index("--arch") < one.index("--model-dir")  # a default for every model, not the last one's
+    assert one[len(one) - 1 - one[::-1].index("--attacks") + 1] == "aa"
+    sweep = pipe.eval_argv("--model-dir", "m", sweep=True)
+    assert "aa" not in sweep and sweep[len(sweep) - 1 - sweep[::-1].index("--n-examples") + 1] == "50"
+
+
+def test_a_folder_of_another_seed_is_refused(tmp_path, capsys):
+    (tmp_path / "standard").mkdir()
+    (tmp_path / "standard" / "config.json").write_text(json.dumps({"seed": 5}))
+    result = run_script(capsys, "run_pipeline", ["--preset", "fashion-mnist", "--seeds", "1", "--out-dir", tmp_path,
+                                                 "--dry-run"])
+    assert_user_error(result, "--seeds", "seed 5")
+    result = run_script(capsys, "run_pipeline", ["--method", "wmim", "--ablations", "--out-dir", tmp_path])
+    assert_user_error(result, "--ablations")
