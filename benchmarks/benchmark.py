@@ -11,6 +11,9 @@ Prints a table and a summary of ours/reference, and writes JSON (and the table a
 to ``--out`` (default benchmarks/results/<device>.json). Example:
 
     python benchmarks/benchmark.py --device cpu --quick --batch-size 32 --iters 3 --repeats 2 --threads 1
+
+``--options amp,channels_last,compile`` times ours only, with every fast-path option off and with
+each listed option alone, and writes benchmarks/results/<device>_options.json.
 """
 import argparse
 import json
@@ -21,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,7 +44,7 @@ from utils.data import BatchLoader, load_splits  # noqa: E402
 from utils.losses import ATTACK_FOR_LOSS  # noqa: E402
 from utils.mi_objectives import estimator_loss_release  # noqa: E402
 from utils.patterns import select_samples  # noqa: E402
-from utils.training import evaluate, train_epoch  # noqa: E402
+from utils.training import FastPath, evaluate, speed_up, train_epoch  # noqa: E402
 
 CASES = ("train-step", "estimator-step", "namid-step", "pgd40-eval", "autoattack-100")
 DEFAULT_ARCHS = {"train-step": ("smallcnn", "resnet18")}  # every other case: ResNet-18, the paper's target
@@ -55,6 +57,7 @@ EPSILON = 8 / 255
 AA_IMAGES = 100
 QUICK_AA = dict(version="custom", attacks_to_run=["apgd-ce", "apgd-t"], n_iter=10)
 SUMMARY = (("train-step", "resnet18"), ("estimator-step", "resnet18"), ("namid-step", "resnet18"))
+OPTIONS = ("amp", "channels_last", "compile")  # the scripts' fast-path flags, as --options names them
 
 
 def parse_args(argv=None):
@@ -81,6 +84,12 @@ def parse_args(argv=None):
     p.add_argument("--no-reference", action="store_true", help="time ours only")
     p.add_argument("--amp", action="store_true",
                    help="run ours under bfloat16 autocast (the scripts run fp32 today; the reference stays fp32)")
+    p.add_argument("--channels-last", action="store_true", help="ours in NHWC memory format, model and batches")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile ours' target model (the warm-up steps absorb the compilation)")
+    p.add_argument("--options", default=None,
+                   help=f"comma list among {', '.join(OPTIONS)}: time ours with all of them off (the baseline) and "
+                        "with each alone, alternated --repeats times; no reference, no autoattack-100")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 on a shared, oversubscribed machine")
     p.add_argument("--seed", type=int, default=0)
@@ -101,6 +110,13 @@ def parse_args(argv=None):
         bad = [a for a in args.arch if a not in MODEL_NAMES]
         if bad:
             p.error(f"unknown --arch {', '.join(bad)}; expected among {', '.join(MODEL_NAMES)}")
+    if args.options is not None:
+        args.options = list(dict.fromkeys(o.strip().replace("-", "_") for o in args.options.split(",") if o.strip()))
+        bad = [o for o in args.options if o not in OPTIONS]
+        if bad or not args.options:
+            p.error(f"unknown --options {', '.join(bad) or '(none)'}; expected among {', '.join(OPTIONS)}")
+        if any(getattr(args, o) for o in OPTIONS):
+            p.error("--options times each option against all of them off: drop --amp, --channels-last and --compile")
     if args.batch_size < 2 or args.iters < 1 or args.warmup < 0 or args.repeats < 1:
         p.error("--batch-size must be at least 2 (the MI bounds need negatives), --iters and --repeats at least 1, "
                 "--warmup at least 0")
@@ -129,9 +145,9 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
-def default_out(device: torch.device) -> Path:
+def default_out(device: torch.device, suffix: str = "") -> Path:
     stem = "cpu" if device.type == "cpu" else re.sub(r"[^A-Za-z0-9]+", "_", device_name(device)).strip("_")
-    return ROOT / "benchmarks" / "results" / f"{stem}.json"
+    return ROOT / "benchmarks" / "results" / f"{stem}{suffix}.json"
 
 
 def now(device: torch.device) -> float:
@@ -271,14 +287,17 @@ def ours_namid_step(model, est_n, est_a, cfg):
     return step
 
 
-def with_amp(step, device, enabled: bool):
-    if not enabled:
-        return step
+def fast_path(model: nn.Module, args):
+    """The target and the batch options as the scripts set them: ``speed_up`` (channels_last,
+    then torch.compile; no DDP outside torchrun) and ``FastPath`` (amp, NHWC batches), which
+    ``train_epoch`` / ``evaluate`` apply to every batch. Returns (model, FastPath, a note naming
+    the memory-format and compile options; amp shows in the dtype column)."""
+    note = ", ".join(o for o in ("channels_last", "compile") if getattr(args, o))
+    return speed_up(model, args), FastPath.from_args(args), f"; fast path: {note}" if note else ""
 
-    def amp_step(x, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return step(x, y)
-    return amp_step
+
+def ours_dtype(args) -> str:
+    return "bfloat16 (autocast)" if args.amp else "float32"
 
 
 # --------------------------------------------------------------------------- the cases
@@ -310,11 +329,13 @@ def time_ours(case: str, arch: str, args, device, split, info):
     Returns (seconds of each timed step, notes, peak memory in MiB or None)."""
     cfg = step_config(args)
     model = target(arch, device, args.seed)
+    if case == "estimator-step":
+        model.eval().requires_grad_(False)  # stage 2's frozen target (utils.stage2.prepare), then the fast path
+    model, fast, fast_note = fast_path(model, args)
     if case == "train-step":
         trained, optimizer, step = model, sgd(model), ours_train_step(model, cfg)
         notes = f"PGD-{cfg.num_steps} + 1 forward of x̃ (Standard AT)"
     elif case == "estimator-step":
-        model.eval().requires_grad_(False)
         trained = nn.ModuleDict(dict(zip(("natural", "adversarial"), estimators(arch, args.va_hsize, device,
                                                                                 args.seed))))
         optimizer = torch.optim.Adam(trained.parameters(), lr=1e-2)
@@ -326,8 +347,25 @@ def time_ours(case: str, arch: str, args, device, split, info):
         notes = f"H={args.va_hsize}; PGD-{cfg.num_steps} + 2 target forwards, each local net once"
     reset_peak(device)
     clock = Clock(ours_loader(split, info, args.batch_size, device, args.seed), args.warmup, device)
-    train_epoch(trained, clock, with_amp(step, device, args.amp), optimizer, case, progress=False)
-    return clock.step_seconds(), notes, peak_mib(device)
+    train_epoch(trained, clock, step, optimizer, case, progress=False, fast=fast)
+    return clock.step_seconds(), notes + fast_note, peak_mib(device)
+
+
+def time_pgd40(arch: str, args, device, split, info):
+    """utils.training.evaluate: clean forward, PGD-40 (step ε/4), forward, under no_grad where
+    possible; same return as time_ours."""
+    model, fast, fast_note = fast_path(target(arch, device, args.seed), args)
+    reset_peak(device)
+    clock = Clock(ours_loader(split, info, args.batch_size, device, args.seed, augment=False), args.warmup, device)
+    evaluate(model, clock, EPSILON, EPSILON / 4, 40, "l_inf", progress=False, fast=fast)
+    return clock.step_seconds(), "forward + PGD-40 + forward" + fast_note, peak_mib(device)
+
+
+def time_case(case: str, arch: str, args, device, split, info):
+    """Ours on one case (all but autoattack-100); same return as time_ours."""
+    if case == "pgd40-eval":
+        return time_pgd40(arch, args, device, split, info)
+    return time_ours(case, arch, args, device, split, info)
 
 
 def time_reference(case: str, arch: str, args, device, split):
@@ -362,41 +400,65 @@ def time_reference(case: str, arch: str, args, device, split):
     return clock.step_seconds(), f"{notes}; DataLoader workers={args.ref_workers}", peak_mib(device)
 
 
+def case_data(case: str, arch: str, args):
+    """Synthetic data for the warm-up and timed steps, and the epoch the step is projected onto
+    (the training set; the test set for pgd40-eval): (split, info, epoch name, epoch images)."""
+    shape = shape_of(arch)
+    split, info = synthetic(shape, args.batch_size * (args.warmup + args.iters), args.seed)
+    epochs = EPOCHS.get(shape, (f"{shape}", 50_000, f"{shape}", 10_000))
+    return (split, info, *(epochs[2:] if case == "pgd40-eval" else epochs[:2]))
+
+
+def alternate(timers: dict, repeats: int):
+    """Runs each timer in turn, ``repeats`` rounds (a, b, a, b, ...), so that a drift in the
+    machine's load hits all alike. A timer returns (step seconds, notes, peak MiB or None);
+    returns {name: all step seconds}, {name: notes}, {name: highest peak}."""
+    steps, notes, peaks = {n: [] for n in timers}, {}, {}
+    for _ in range(repeats):
+        for name, timer in timers.items():
+            times, notes[name], peak = timer()
+            steps[name] += times
+            peaks[name] = peak if peaks.get(name) is None else max(peaks[name], peak)
+    return steps, notes, peaks
+
+
 def run_training_case(case: str, arch: str, args, device) -> list:
     """Ours and the reference on the same batches and budget, alternated ``--repeats`` times
     (ours, reference, ours, ...) so that a drift in the machine's load hits both alike."""
-    shape = shape_of(arch)
-    split, info = synthetic(shape, args.batch_size * (args.warmup + args.iters), args.seed)
-    epoch_name, epoch_images = EPOCHS.get(shape, (f"{shape}", 50_000))[:2]
-    names = ("ours",) if args.no_reference else ("ours", "reference")
-    steps, notes, peaks = {n: [] for n in names}, {}, {}
-    for _ in range(args.repeats):
-        for impl in names:
-            if impl == "ours":
-                times, notes[impl], peak = time_ours(case, arch, args, device, split, info)
-            else:
-                times, notes[impl], peak = time_reference(case, arch, args, device, split)
-            steps[impl] += times
-            peaks[impl] = peak if peaks.get(impl) is None else max(peaks[impl], peak)
-    dtypes = {"ours": "bfloat16 (autocast)" if args.amp else "float32", "reference": "float32"}
+    split, info, epoch_name, epoch_images = case_data(case, arch, args)
+    timers = {"ours": lambda: time_ours(case, arch, args, device, split, info)}
+    if not args.no_reference:
+        timers["reference"] = lambda: time_reference(case, arch, args, device, split)
+    steps, notes, peaks = alternate(timers, args.repeats)
+    dtypes = {"ours": ours_dtype(args), "reference": "float32"}
     return [_result(case, arch, impl, dtypes[impl], args.batch_size, steps[impl], epoch_name, epoch_images,
-                    notes[impl], peaks[impl]) for impl in names]
+                    notes[impl], peaks[impl]) for impl in timers]
 
 
 def run_pgd40(arch: str, args, device) -> list:
-    """utils.training.evaluate: clean forward, PGD-40 (step ε/4), forward, under no_grad where possible."""
-    shape = shape_of(arch)
-    split, info = synthetic(shape, args.batch_size * (args.warmup + args.iters), args.seed)
-    model = target(arch, device, args.seed)
-    reset_peak(device)
-    clock = Clock(ours_loader(split, info, args.batch_size, device, args.seed, augment=False), args.warmup, device)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
-    with ctx:
-        evaluate(model, clock, EPSILON, EPSILON / 4, 40, "l_inf", progress=False)
-    name, images = EPOCHS.get(shape, (None, None, f"{shape}", 10_000))[2:]
-    dtype = "bfloat16 (autocast)" if args.amp else "float32"
-    return [_result("pgd40-eval", arch, "ours", dtype, args.batch_size, clock.step_seconds(), name, images,
-                    "forward + PGD-40 + forward", peak_mib(device))]
+    split, info, name, images = case_data("pgd40-eval", arch, args)
+    steps, notes, peak = time_pgd40(arch, args, device, split, info)
+    return [_result("pgd40-eval", arch, "ours", ours_dtype(args), args.batch_size, steps, name, images, notes, peak)]
+
+
+def with_option(args, option: str):
+    """``args`` with every fast-path option off but ``option`` ("baseline": all off)."""
+    return argparse.Namespace(**{**vars(args), **{o: o == option for o in OPTIONS}})
+
+
+def run_options(case: str, arch: str, args, device) -> list:
+    """Ours with every fast-path option off (the baseline) and with each of ``--options`` alone,
+    alternated ``--repeats`` times on the same batches; each row adds ``option`` and
+    ``x_baseline`` (its img/s over the baseline's)."""
+    split, info, epoch_name, epoch_images = case_data(case, arch, args)
+    variants = {v: with_option(args, v) for v in ("baseline", *args.options)}
+    timers = {v: (lambda a=a: time_case(case, arch, a, device, split, info)) for v, a in variants.items()}
+    steps, notes, peaks = alternate(timers, args.repeats)
+    found = [{"option": v, **_result(case, arch, "ours", ours_dtype(a), args.batch_size, steps[v], epoch_name,
+                                     epoch_images, notes[v], peaks[v])} for v, a in variants.items()]
+    for r in found:
+        r["x_baseline"] = r["images_per_s"] / found[0]["images_per_s"]
+    return found
 
 
 def run_autoattack(arch: str, args, device) -> list:
@@ -436,17 +498,25 @@ def rows(results):
                f"{r['images_per_s']:.1f}", f"{r['epoch_seconds']:.4g}", f"{r['epoch_dataset']} ({r['epoch_images']:,})")
 
 
-def table(results) -> str:
-    body = [COLUMNS, *rows(results)]
-    widths = [max(len(row[i]) for row in body) for i in range(len(COLUMNS))]
+OPTION_COLUMNS = ("case", "arch", "option", "img/s", "× baseline")
+
+
+def option_rows(results):
+    for r in results:
+        yield r["case"], r["arch"], r["option"], f"{r['images_per_s']:.1f}", f"{r['x_baseline']:.2f}"
+
+
+def table(results, columns=COLUMNS, cells=rows) -> str:
+    body = [columns, *cells(results)]
+    widths = [max(len(row[i]) for row in body) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in body]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def markdown(results) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows(results)]
+def markdown(results, columns=COLUMNS, cells=rows) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells(results)]
     return "\n".join(lines)
 
 
@@ -477,17 +547,25 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     name = device_name(device)
-    out = Path(args.out) if args.out else default_out(device)
+    out = Path(args.out) if args.out else default_out(device, "_options" if args.options else "")
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     load = f"; load average {load_before[0]:.1f}" if load_before else ""
     print(f"device: {name} ({device.type}); torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"batch {args.batch_size}, warm-up {args.warmup}, timed {args.iters} × {args.repeats}{load}", flush=True)
 
+    compiles = args.compile or "compile" in (args.options or ())
     results = []
     for case in (c for c in CASES if c in args.only):
+        if args.options and case == "autoattack-100":
+            print(f"  {case}: skipped with --options (one run without warm-up: it would time the compilation)")
+            continue
         for arch in args.arch or DEFAULT_ARCHS.get(case, ("resnet18",)):
             print(f"  {case} {arch} ...", flush=True)
-            if case == "pgd40-eval":
+            if compiles:
+                torch._dynamo.reset()  # else the graphs of earlier cases count toward dynamo's recompile limit
+            if args.options:
+                results += run_options(case, arch, args, device)
+            elif case == "pgd40-eval":
                 results += run_pgd40(arch, args, device)
             elif case == "autoattack-100":
                 results += run_autoattack(arch, args, device)
@@ -495,7 +573,13 @@ def main(argv=None) -> dict:
                 results += run_training_case(case, arch, args, device)
 
     print()
-    print(table(results))
+    if args.options:
+        print(table(results, OPTION_COLUMNS, option_rows))
+        print("\n× baseline: img/s with the option alone over img/s with every option off (> 1: the option pays off)")
+        if "compile" in args.options and args.warmup == 0:
+            print("note: --warmup 0 with compile: the timed steps include the compilation.")
+    else:
+        print(table(results))
     summary = summarize(results)
     if summary:
         print("\nours / reference (throughput; > 1: ours faster):")
@@ -505,7 +589,8 @@ def main(argv=None) -> dict:
                   f"({s['ours_images_per_s']:.1f} vs {s['reference_images_per_s']:.1f} img/s){mark}")
     for r in results:
         if r["notes"]:
-            print(f"note: {r['case']} {r['arch']} {r['impl']}: {r['notes']}")
+            option = f" {r['option']}" if args.options else ""
+            print(f"note: {r['case']} {r['arch']} {r['impl']}{option}: {r['notes']}")
     if device.type == "cpu":
         print("note: CPU timings on a shared machine are noisy; compare ratios from the same run only.")
 
@@ -516,13 +601,19 @@ def main(argv=None) -> dict:
         "load_average": {"before": load_before, "after": load_after}, "commit": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": {k: v for k, v in vars(args).items() if k != "out"}, "epsilon": EPSILON,
-        "reference_namid_passes": list(ref.NAMID_PASSES), "results": results, "summary": summary,
     }
+    heading = f"Device: {name}, batch {args.batch_size}, {args.iters} timed steps × {args.repeats}; "
+    if args.options:
+        record["options"] = results
+        heading += "img/s from the median step; × baseline: over every option off\n\n"
+        text = markdown(results, OPTION_COLUMNS, option_rows)
+    else:
+        record.update({"reference_namid_passes": list(ref.NAMID_PASSES), "results": results, "summary": summary})
+        heading += "s/iter is the median step\n\n"
+        text = markdown(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-    out.with_suffix(".md").write_text(f"Device: {name}, batch {args.batch_size}, {args.iters} timed steps × "
-                                      f"{args.repeats}; s/iter is the median step\n\n"
-                                      + markdown(results) + "\n")
+    out.with_suffix(".md").write_text(heading + text + "\n")
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return record
 

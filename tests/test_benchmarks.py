@@ -121,3 +121,20 @@ def test_ddp_cpu_times_one_process_and_torchrun(tmp_path, capsys):
     assert all(r["images_per_second"] > 0 for r in runs.values())
     assert runs["one process, 1 thread"]["speedup"] == 1.0
     assert "2 processes (DDP)" in capsys.readouterr().out
+
+
+def test_options_mode_times_ours_against_the_baseline(tmp_path, capsys):
+    out = tmp_path / "options.json"
+    benchmark.main(["--options", "channels_last", "--only", "train-step", "--arch", "smallcnn", "--iters", "1",
+                    "--warmup", "1", "--batch-size", "4", "--device", "cpu", "--pgd-steps", "2", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["device"] and "results" not in record
+    rows = {r["option"]: r for r in record["options"]}
+    assert list(rows) == ["baseline", "channels_last"] and len(record["options"]) == 2
+    assert all(r["impl"] == "ours" and r["case"] == "train-step" and r["arch"] == "smallcnn" for r in rows.values())
+    assert all(r["images_per_s"] > 0 for r in rows.values())
+    base, nhwc = rows["baseline"], rows["channels_last"]
+    assert base["x_baseline"] == 1.0
+    assert nhwc["x_baseline"] == nhwc["images_per_s"] / base["images_per_s"]
+    assert "fast path: channels_last" in nhwc["notes"] and "fast path" not in base["notes"]
+    assert "× baseline" in capsys.readouterr().out
