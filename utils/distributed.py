@@ -91,7 +91,10 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a rank that tears gloo down while another still uses it
+    can abort at exit ("terminate called without an active exception")."""
     global _CONTEXT
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
     _CONTEXT = Context()
