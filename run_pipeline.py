@@ -129,6 +129,7 @@ class Pipeline:
         head = f"[pipeline {index}/{len(self.steps) + 1}] {label}: {name}"
         if state == "done":
             print(f"{head} already complete in {model_dir}, skipped", flush=True)
+            self.note(label, name, argv, "complete before, skipped")
             return
         if state == "resume":
             argv.append("--resume")
@@ -138,7 +139,11 @@ class Pipeline:
             return
         began = time.time()
         module.main(argv)
-        self.log.append(f"| {label} | `{name} {' '.join(shlex.quote(a) for a in argv)}` | {time.time() - began:.0f} |")
+        self.note(label, name, argv, f"ran, {time.time() - began:.0f} s")
+
+    def note(self, label: str, script: str, argv: List[str], what: str) -> None:
+        """A row of report.md's stage table: every stage's full command, and what this invocation did."""
+        self.log.append(f"| {label} | `{script} {' '.join(shlex.quote(str(a)) for a in argv)}` | {what} |")
 
     def eval_argv(self, *specific: str, sweep: bool = False) -> List[str]:
         """Preset flags, then the user's, then the models: user flags win, and an --arch of theirs is
@@ -182,6 +187,7 @@ class Pipeline:
         head = f"[pipeline {index}/{index}] {label}: test_comparison.py"
         if not self.args.force_eval and eval_is_current(out, argv, model_dirs):
             print(f"{head}: {out} is up to date, skipped", flush=True)
+            self.note(label, "test_comparison.py", argv, "up to date before, skipped")
             return
         print(f"{head} -> {out}", flush=True)
         self.commands.append(("test_comparison.py", argv))
@@ -189,8 +195,7 @@ class Pipeline:
             return
         began = time.time()
         test_comparison.main(argv)
-        self.log.append(f"| {label} | `test_comparison.py {' '.join(shlex.quote(a) for a in argv)}` | "
-                        f"{time.time() - began:.0f} |")
+        self.note(label, "test_comparison.py", argv, f"ran, {time.time() - began:.0f} s")
 
 
 def drop_flag(argv: List[str], flag: str) -> List[str]:
@@ -451,9 +456,23 @@ def write_report(pipe: Pipeline, dataset: str) -> None:
         if png.exists():
             lines += [f"### {title}", "", f"![{title}]({folder}/mi_table.png)", "", mi_table_markdown(out / folder), ""]
     if (out / "eps_sweep.png").exists():
-        lines += ["## Accuracy against ε", "", "![accuracy against epsilon](eps_sweep.png)", ""]
-    lines += ["## Stages run in this invocation", "", "| stage | command | seconds |", "|---|---|---|", *pipe.log, ""]
+        sweep = json.loads((out / "eval" / "eps_sweep.json").read_text())
+        lines += ["## Accuracy against ε", "", "![accuracy against epsilon](eps_sweep.png)", "",
+                  sweep_markdown(sweep), ""]
+    lines += ["## Stages", "", "| stage | command | this invocation |", "|---|---|---|", *pipe.log, ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def sweep_markdown(sweep: dict) -> str:
+    """Accuracy (%) per model and attack at each ε of the sweep, from its test_comparison JSON."""
+    rows = [(m["name"], attack, dict(zip(curve["epsilon"], curve["accuracy"])))
+            for m in sweep["models"] for attack, curve in m.get("eps_sweep", {}).items()]
+    epsilons = sorted({e for _, _, by_eps in rows for e in by_eps})
+    lines = ["| model | attack | " + " | ".join(f"ε = {e:.4g}" for e in epsilons) + " |",
+             "|---|---|" + "---:|" * len(epsilons)]
+    lines += [f"| {name} | {attack} | " + " | ".join(f"{by_eps[e]:.2f}" if e in by_eps else "–" for e in epsilons)
+              + " |" for name, attack, by_eps in rows]
+    return "\n".join(lines) + f"\n\nOn the first {sweep['settings']['n_examples']} test images."
 
 
 def mi_table_markdown(folder: Path) -> str:

@@ -17,7 +17,7 @@ def test_demo_runs_end_to_end_and_fills_every_report_section(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     for section in ("## Our results", "## The paper's Table 1", "## MI of natural and adversarial inputs",
                     "### after Eq. 5 training", "### after Eq. 4 (MIM)", "## Accuracy against ε",
-                    "## Stages run in this invocation"):
+                    "## Stages", "| ε = 0.05 |"):
         assert section in report, section
     assert "| Standard AT |" in report and "| NAMID |" in report and "83.39" in report
     for name in ("standard/best_model.pth", "mi_estimator/global_a_model.pth", "mi_estimator/mi_table.png",
@@ -32,6 +32,8 @@ def test_demo_runs_end_to_end_and_fills_every_report_section(tmp_path, capsys):
     code, out, err = run_script(capsys, "run_pipeline", [*TINY, "--out-dir", tmp_path])
     assert code == 0, err
     assert out.count("skipped") == 4 + 2 + 1  # four stages, two evaluations, the sweep
+    report = (tmp_path / "report.md").read_text()
+    assert report.count("complete before, skipped") == 4 and report.count("up to date before, skipped") == 3
 
 
 def test_interrupted_stage_resumes(tmp_path, capsys):
