@@ -32,3 +32,12 @@ OMP_NUM_THREADS=1 python test_comparison.py --dataset fashion-mnist --data-dir d
     --channels-last --attacks pgd40 --n-examples 500 --batch-size 500 \
     --model-dir results/fashion-mnist/standard --name 'Standard AT' --model-dir results/fashion-mnist/namid --name NAMID \
     --out results/fashion-mnist/eval/pgd40_500.json --md results/fashion-mnist/eval/pgd40_500.md --no-progress
+
+# AutoAttack and PGD-40 on the first 500 test images, seed 1:
+for pair in "standard_seed1|Standard AT (seed 1)" "namid_seed1|NAMID (seed 1)"; do
+    dir=${pair%%|*}; name=${pair#*|}
+    OMP_NUM_THREADS=1 python test_comparison.py --dataset fashion-mnist --data-dir data --arch smallcnn \
+        --epsilon 0.1 --channels-last --attacks pgd40,aa --n-examples 500 --batch-size 500 \
+        --model-dir results/fashion-mnist/$dir --name "$name" \
+        --out results/fashion-mnist/eval/aa500_$dir.json --md results/fashion-mnist/eval/aa500_$dir.md --no-progress
+done
