@@ -44,8 +44,8 @@ from utils.training import (
     load_weights,
     prepare_device,
     seed_everything,
-    shard,
     train_epoch,
+    training_loaders,
 )
 
 Tensor = torch.Tensor
@@ -104,7 +104,6 @@ def prepare(args: argparse.Namespace) -> Setup:
     Under torchrun each process takes its shard of every training batch (--batch-size is the
     global batch) and of the evaluation split."""
     device = prepare_device(args)
-    ctx = distributed.context()
     seed_everything(args.seed)
     splits, info = load_splits(args.dataset, args.data_dir, train_limit=args.train_limit,
                                test_limit=args.test_limit, val_size=args.val_size, seed=args.seed)
@@ -118,11 +117,7 @@ def prepare(args: argparse.Namespace) -> Setup:
 
     generator = torch.Generator().manual_seed(args.seed)
     # Augmented as in stage 1, so the estimators see the inputs the target was trained on.
-    train_loader = BatchLoader(splits["train"].to(device), args.batch_size // ctx.world_size, shuffle=True,
-                               augment=True, info=info, device=device, generator=generator, rank=ctx.rank,
-                               world_size=ctx.world_size)
-    eval_split = splits["val"] if splits["val"] is not None else splits["test"]
-    eval_loader = BatchLoader(shard(eval_split).to(device), args.batch_size, device=device)
+    train_loader, eval_loader = training_loaders(args, splits, info, device, generator)
     return Setup(device, info, target, internal_layer(args), train_loader, eval_loader, generator)
 
 

@@ -443,6 +443,19 @@ def shard(split, ctx=None):
     return split.subset(torch.arange(ctx.rank, len(split), ctx.world_size))
 
 
+def training_loaders(args, splits, info, device, generator: torch.Generator):
+    """The shuffled, augmented training loader (this process's share of each --batch-size batch)
+    and the loader of this process's shard of the selection split (val if held out, else test)."""
+    from utils.data import BatchLoader
+
+    ctx = distributed.context()
+    train_loader = BatchLoader(splits["train"].to(device), args.batch_size // ctx.world_size, shuffle=True,
+                               augment=True, info=info, device=device, generator=generator, rank=ctx.rank,
+                               world_size=ctx.world_size)
+    eval_split = splits["val"] if splits["val"] is not None else splits["test"]
+    return train_loader, BatchLoader(shard(eval_split).to(device), args.batch_size, device=device)
+
+
 def setup_target_training(args):
     """Device, data, a fresh target model, SGD with MultiStepLR, and loaders (stages 1 and 3).
 
@@ -452,10 +465,9 @@ def setup_target_training(args):
     from types import SimpleNamespace
 
     from models import get_model
-    from utils.data import BatchLoader, load_splits
+    from utils.data import load_splits
 
     device = prepare_device(args)
-    ctx = distributed.context()
     seed_everything(args.seed)
     splits, info = load_splits(args.dataset, args.data_dir, train_limit=args.train_limit,
                                test_limit=args.test_limit, val_size=args.val_size, seed=args.seed)
@@ -464,11 +476,7 @@ def setup_target_training(args):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_gamma)
     generator = torch.Generator().manual_seed(args.seed)
-    train_loader = BatchLoader(splits["train"].to(device), args.batch_size // ctx.world_size, shuffle=True,
-                               augment=True, info=info, device=device, generator=generator, rank=ctx.rank,
-                               world_size=ctx.world_size)
-    eval_split = splits["val"] if splits["val"] is not None else splits["test"]
-    eval_loader = BatchLoader(shard(eval_split).to(device), args.batch_size, device=device)
+    train_loader, eval_loader = training_loaders(args, splits, info, device, generator)
     return SimpleNamespace(device=device, info=info, net=bare_module(model), model=model, optimizer=optimizer,
                            scheduler=scheduler, generator=generator, train_loader=train_loader,
                            eval_loader=eval_loader)
