@@ -23,11 +23,13 @@ class ResidualBlock1x1(nn.Module):
         self.shortcut = nn.Conv2d(in_ch, hidden, 1, bias=False)
         self.norm = nn.LayerNorm(hidden)
         # Near-identity shortcut so the block starts as (almost) a pass-through of its input.
-        # For in_ch > hidden (never the case with H = 2048) it keeps the first `hidden` channels.
-        with torch.no_grad():
-            self.shortcut.weight.uniform_(-0.01, 0.01)
-            idx = torch.arange(min(in_ch, hidden))
-            self.shortcut.weight[idx, idx, 0, 0] = 1.0
+        # No identity exists when in_ch > hidden (never with H = 2048): PAPER.md §3 and DIM then
+        # keep PyTorch's default initialisation.
+        if in_ch <= hidden:
+            with torch.no_grad():
+                self.shortcut.weight.uniform_(-0.01, 0.01)
+                idx = torch.arange(in_ch)
+                self.shortcut.weight[idx, idx, 0, 0] = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.nonlinear(x) + self.shortcut(x)
@@ -105,9 +107,12 @@ class MIEstimator(nn.Module):
         self.local = local
         self.global_ = global_
 
-    def mi(self, pattern: torch.Tensor, global_input: torch.Tensor, mode: str = "dv") -> torch.Tensor:
-        """Per-sample Î(pattern, h(v)), shape (N,); ``global_input`` is h(v) (logits or features)."""
-        return mi_per_sample(self.local(pattern), self.global_(global_input), mode)
+    def mi(self, pattern: torch.Tensor, global_input: torch.Tensor, mode: str = "dv",
+           estimate: bool = False) -> torch.Tensor:
+        """Per-sample Î(pattern, h(v)), shape (N,); ``global_input`` is h(v) (logits or features).
+
+        ``estimate``: report an MI value rather than the training objective (``mi_per_sample``)."""
+        return mi_per_sample(self.local(pattern), self.global_(global_input), mode, estimate)
 
     forward = mi
 

@@ -63,14 +63,21 @@ def test_global_encoder_bad_arguments():
         GlobalEncoder(128, internal="layer3", feature_shape=(256, 8, 8))
 
 
-@pytest.mark.parametrize("in_ch, hidden", [(10, 32), (128, 128), (40, 16)])
+@pytest.mark.parametrize("in_ch, hidden", [(10, 32), (128, 128)])
 def test_shortcut_initialised_near_identity(in_ch, hidden):
     w = ResidualBlock1x1(in_ch, hidden).shortcut.weight[:, :, 0, 0]
-    k = min(in_ch, hidden)
-    assert torch.equal(torch.diagonal(w)[:k], torch.ones(k))
+    assert torch.equal(torch.diagonal(w), torch.ones(in_ch))
     off = w.clone()
-    off[torch.arange(k), torch.arange(k)] = 0
+    off[torch.arange(in_ch), torch.arange(in_ch)] = 0
     assert off.abs().max() <= 0.01
+
+
+def test_shortcut_keeps_default_init_when_wider_than_hidden():
+    """PAPER.md §3: the identity initialisation applies only where c ≤ H."""
+    torch.manual_seed(0)
+    w = ResidualBlock1x1(40, 16).shortcut.weight[:, :, 0, 0]
+    assert w.abs().max() > 0.05  # PyTorch's default bound is 1/sqrt(40) ≈ 0.16, not 0.01
+    assert not torch.equal(torch.diagonal(w), torch.ones(16))
 
 
 def test_block_output_is_layer_normed_over_channels():

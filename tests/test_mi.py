@@ -41,13 +41,13 @@ def _train_and_estimate(mode: str, rho: float, steps: int) -> float:
     opt = torch.optim.Adam([*f.parameters(), *g.parameters()], lr=3e-3)
     for _ in range(steps):
         x, y = _pairs(BATCH, rho, gen)
-        loss = -mi_per_sample(f(y).unsqueeze(-1), g(x), mode).mean()
+        loss = -mi_per_sample(f(y).unsqueeze(-1), g(x), mode).mean()  # NCE: the objective, no constant
         opt.zero_grad()
         loss.backward()
         opt.step()
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        ests = [mi_per_sample(f(y).unsqueeze(-1), g(x), mode).mean() for x, y in
+        ests = [mi_per_sample(f(y).unsqueeze(-1), g(x), mode, estimate=True).mean() for x, y in
                 (_pairs(BATCH, rho, gen) for _ in range(20))]
     return float(torch.stack(ests).mean())
 
@@ -73,9 +73,23 @@ def test_nce_bounded_by_log_candidates():
     # u[i, i, l] = 10 and u[i, j, l] = 0: the bound is approached but never exceeded.
     local = 10 * torch.eye(n).unsqueeze(-1).expand(n, n, length)
     global_ = torch.eye(n)
-    est = mi_per_sample(local, global_, "nce")
+    est = mi_per_sample(local, global_, "nce", estimate=True)
     assert (est <= math.log(1 + (n - 1) * length) + 1e-5).all()
     assert est.min() > math.log(1 + (n - 1) * length) - 1e-3
+
+
+def test_nce_objective_is_a_log_probability_and_estimate_adds_log_candidates():
+    """PAPER.md §3: the per-sample NCE value is the mean log-probability; log(#candidates) is
+    added only when the value is reported as MI (the losses' cosines would change with it)."""
+    n, length = 7, 5
+    local, global_ = torch.randn(n, 3, length), torch.randn(n, 3)
+    objective = mi_per_sample(local, global_, "nce")
+    assert (objective <= 0).all()
+    torch.testing.assert_close(mi_per_sample(local, global_, "nce", estimate=True),
+                               objective + math.log(1 + (n - 1) * length))
+    for mode in ("dv", "jsd"):
+        torch.testing.assert_close(mi_per_sample(local, global_, mode, estimate=True),
+                                   mi_per_sample(local, global_, mode))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +114,7 @@ def _loop_reference(local: torch.Tensor, global_: torch.Tensor, mode: str) -> to
         else:
             negs = [math.exp(u[j][l2]) for j in range(n) if j != i for l2 in range(length)]
             vals = [u[i][l] - math.log(math.exp(u[i][l]) + sum(negs)) for l in range(length)]
-            out.append(sum(vals) / length + math.log(1 + len(negs)))
+            out.append(sum(vals) / length)
     return torch.tensor(out, dtype=torch.float64)
 
 

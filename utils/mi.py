@@ -39,15 +39,18 @@ def scores(local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
         return torch.einsum("ih,jhl->ijl", global_.to(dtype), local.to(dtype))
 
 
-def mi_per_sample(local: torch.Tensor, global_: torch.Tensor, mode: str = "dv") -> torch.Tensor:
+def mi_per_sample(local: torch.Tensor, global_: torch.Tensor, mode: str = "dv",
+                  estimate: bool = False) -> torch.Tensor:
     """Per-sample MI lower bound Î_i, shape (N,), in one of ``MI_MODES`` (PAPER.md §3).
 
     - ``dv``: u_ii,l − (logsumexp_{j≠i} u_ij,l − log(N−1)), averaged over l.
     - ``jsd``: mean_l[log 2 − sp(−u_ii,l)] − mean_{j≠i,l}[sp(−u_ij,l) + u_ij,l − log 2].
     - ``nce``: for each (i, l), the log-softmax of u_ii,l among the candidates
       {u_ii,l} ∪ {u_ij,l' : j≠i, every l'} — one positive against every local feature of every
-      other sample, as in DIM — plus log(#candidates) = log(1 + (N−1)·L), so the value is an MI
-      estimate in (−inf, log(1 + (N−1)·L)]; averaged over l.
+      other sample, as in DIM — averaged over l: a log-probability, ≤ 0. This is the value the
+      losses use: the cosine terms of stages 2 and 3 are not invariant to an added constant.
+      With ``estimate`` (for reporting an MI value) log(#candidates) = log(1 + (N−1)·L) is
+      added, giving an estimate in (−inf, log(1 + (N−1)·L)]; DV and JSD ignore the flag.
 
     With N = 1 there are no negatives, so no bound exists: zeros are returned (still attached
     to the graph, so a caller's backward does not fail)."""
@@ -71,4 +74,5 @@ def mi_per_sample(local: torch.Tensor, global_: torch.Tensor, mode: str = "dv") 
         return pos_term - neg_term
     neg = torch.logsumexp(u.masked_fill(eye, float("-inf")).flatten(1), dim=1, keepdim=True)  # (N, 1)
     log_prob = pos - torch.logaddexp(pos, neg)
-    return (log_prob + math.log(1 + (n - 1) * n_loc)).mean(dim=1)
+    offset = math.log(1 + (n - 1) * n_loc) if estimate else 0.0
+    return log_prob.mean(dim=1) + offset
