@@ -112,6 +112,31 @@ def test_attack_keeps_budget_input_and_model_state(tiny, name, epsilon, options)
     assert robust.float().mean() < clean.float().mean(), f"{name} did not lower the accuracy"
 
 
+class _Halfspace(nn.Module):
+    """Two classes split by a hyperplane at L2 distance ``margin`` from the all-0.5 image."""
+
+    def __init__(self, margin: float):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, x):
+        w = torch.full(x.shape[1:], 1.0 / x[0].numel() ** 0.5)  # unit normal
+        f = ((x - 0.5) * w).flatten(1).sum(1) + self.margin
+        return torch.stack([f, -f], dim=1)
+
+
+@pytest.mark.parametrize("eps", [0.15, 0.3])
+def test_ddn_breaks_what_lies_within_a_small_epsilon(eps):
+    """The boundary is 0.1 away: DDN must find it within ε. Started at norm 1, its 20
+    iterations could not get below 1.05·0.95^19 ≈ 0.40 and would report every sample robust."""
+    model, x = _Halfspace(0.1), torch.full((4, 1, 4, 4), 0.5)
+    y = torch.zeros(4, dtype=torch.long)
+    attack = build_attack("ddn", epsilon=eps)
+    x_adv = attack(model, x, y)
+    assert not robust_mask(model, x, y, x_adv, attack).any()
+    assert not attack.epsilon_free and build_attack("cw").epsilon_free
+
+
 def test_minimum_norm_attacks_count_only_within_epsilon(tiny):
     model, x, y = tiny
     with torch.no_grad():

@@ -417,7 +417,7 @@ class Evaluation:
                 todo.append(e)
         if not todo:
             return
-        if attack.minimum_norm:
+        if attack.epsilon_free:
             # One run gives every budget: the attack ignores ε, only the counting uses it.
             masks, seconds = self._attack(source, names, attack, todo, label)
             for e in todo:

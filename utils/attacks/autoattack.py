@@ -82,6 +82,18 @@ def build_autoattack(
     return adversary
 
 
+class _Float32Logits(nn.Module):
+    """Under bf16 autocast AutoAttack would compute its CE/DLR losses, FAB's linearisation and
+    Square's margins on bf16 logits: hand it fp32 ones, as the project's own attacks use."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).float()
+
+
 def autoattack(
     model: nn.Module,
     x: torch.Tensor,
@@ -104,8 +116,8 @@ def autoattack(
     x = x.detach()
     net = unwrap(model)
     with attack_mode(net):
-        adversary = build_autoattack(net, epsilon, norm, version, seed, n_iter, n_queries, verbose,
-                                     attacks_to_run, device=x.device)
+        adversary = build_autoattack(_Float32Logits(net).eval(), epsilon, norm, version, seed, n_iter, n_queries,
+                                     verbose, attacks_to_run, device=x.device)
         result = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
     # 0.2 returns (x_adv, y_adv); older releases returned x_adv alone.
     x_adv = result[0] if isinstance(result, tuple) else result

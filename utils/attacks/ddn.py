@@ -65,12 +65,12 @@ def ddn(
             (grad,) = torch.autograd.grad(loss, x_adv)
             with torch.no_grad():
                 is_adv = keep_best(x_adv.detach(), logits)
+                # A random direction where the gradient is exactly 0; drawn every step, so the
+                # loop never waits on the device to ask whether one is needed.
+                dead = grad.flatten(1).norm(dim=1) == 0
+                noise = torch.randn(grad.shape, generator=generator, device=x.device, dtype=x.dtype)
+                grad = torch.where(dead.view(flat), noise, grad)
                 grad_norm = grad.flatten(1).norm(dim=1)
-                dead = grad_norm == 0
-                if dead.any():
-                    noise = torch.randn(grad.shape, generator=generator, device=x.device, dtype=x.dtype)
-                    grad = torch.where(dead.view(flat), noise, grad)
-                    grad_norm = grad.flatten(1).norm(dim=1)
                 delta = delta + step * grad / grad_norm.view(flat)
                 norm = norm * torch.where(is_adv, 1 - gamma, 1 + gamma)
                 delta = delta * (norm / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).view(flat)

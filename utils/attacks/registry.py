@@ -58,6 +58,8 @@ class Attack:
     minimum_norm: bool
     budget: str
     run: Runner = field(repr=False)
+    # True when the run itself ignores ε (CW's binary search): one run then counts every budget.
+    epsilon_free: bool = False
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  epsilon: Optional[float] = None) -> torch.Tensor:
@@ -152,14 +154,24 @@ def build_attack(name: str, *, epsilon: Optional[float] = None,
 
         def run(model, x, y, eps):
             return fn(model, x, y, eps, **options)
-    else:
-        fn = cw_l2 if kind == "cw" else ddn
+    elif kind == "cw":
         norm, minimum, budget = "l2", True, "l2"
-        _check_options(label, options, _parameters(fn, ()))
+        _check_options(label, options, _parameters(cw_l2, ()))
 
         def run(model, x, y, eps):
             # Minimum-norm: ε only enters when the result is counted (robust_mask).
-            return fn(model, x, y, **options)
+            return cw_l2(model, x, y, **options)
+
+        eps = defaults[norm] if epsilon is None else float(epsilon)
+        return Attack(name=label, norm=norm, epsilon=eps, minimum_norm=True, budget=budget, run=run, epsilon_free=True)
+    else:
+        norm, minimum, budget = "l2", True, "l2"
+        _check_options(label, options, _parameters(ddn, ("init_norm",)))
+
+        def run(model, x, y, eps):
+            # DDN's norm moves by a factor 1 ± γ per iteration: started at 1, 20 iterations never
+            # get below 1.05·0.95^19 ≈ 0.40. Started at ε, it searches around the budget it is counted in.
+            return ddn(model, x, y, init_norm=eps, **options)
 
     eps = defaults[norm] if epsilon is None else float(epsilon)
     return Attack(name=label, norm=norm, epsilon=eps, minimum_norm=minimum, budget=budget, run=run)

@@ -29,7 +29,9 @@ def smooth_gradient(grad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     k = kernel.to(grad).expand(c, 1, *kernel.shape)
     pad = (kernel.shape[-2] // 2, kernel.shape[-1] // 2)
     # Zero padding keeps the output size for odd kernels; an even one would grow by a row.
-    return F.conv2d(grad, k, padding=pad, groups=c)[..., : grad.shape[-2], : grad.shape[-1]]
+    # fp32 even under autocast: the sign of the smoothed gradient is the step.
+    with torch.autocast(device_type=grad.device.type, enabled=False):
+        return F.conv2d(grad.float(), k.float(), padding=pad, groups=c)[..., : grad.shape[-2], : grad.shape[-1]]
 
 
 def diverse_input(
