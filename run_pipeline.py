@@ -13,7 +13,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -24,7 +24,7 @@ import train_MIAT
 import train_standard
 from utils.cli import Parser
 from utils.data import DEBIAN_FASHION_DIR, find_idx_dir
-from utils.training import UserError, atomic_write_text, run_main
+from utils.training import UserError, atomic_write_text, run_main, writable_dir
 
 METHODS = ("namid", "namid-t", "namid-m", "wmim")
 
@@ -112,7 +112,7 @@ class Pipeline:
         self.commands: List[tuple] = []  # (script, argv) of every stage this invocation runs
 
     def argv(self, module, stage: str, *specific: str) -> List[str]:
-        per_stage = shlex.split(getattr(self.args, f"{stage}_args") or "")
+        per_stage = split_flags(getattr(self.args, f"{stage}_args"), f"--{stage}-args")
         common = route(self.flags["common"], module)
         return [*common, *self.flags[stage], *specific, *route(self.extra, module), *per_stage]
 
@@ -133,6 +133,8 @@ class Pipeline:
             return
         if state == "resume":
             argv.append("--resume")
+        elif state == "replace":
+            argv.append("--overwrite")
         print(f"{head} -> {model_dir}{' (resuming)' if state == 'resume' else ''}", flush=True)
         self.commands.append((name, argv))
         if self.args.dry_run:
@@ -150,12 +152,19 @@ class Pipeline:
         a default for every model (test_comparison ties an --arch after a model to that model).
         --eval-args reach the per-model runs, --sweep-args the sweep."""
         preset_flags = self.flags["sweep"] if sweep else self.flags["eval"]
-        user = [*route(self.extra, test_comparison), *shlex.split((self.args.sweep_args if sweep
-                                                                   else self.args.eval_args) or "")]
+        user = [*route(self.extra, test_comparison),
+                *(split_flags(self.args.sweep_args, "--sweep-args") if sweep
+                  else split_flags(self.args.eval_args, "--eval-args"))]
         common = route(self.flags["common"], test_comparison)
         if "--arch" in user:
             common = drop_flag(common, "--arch")
         return [*common, *preset_flags, *user, *specific]
+
+    def check_eval_flags(self) -> None:
+        """Refuse bad --eval-args / --sweep-args before any training, not after hours of it."""
+        for sweep in (False, True):
+            argv = self.eval_argv("--model-dir", str(self.out), sweep=sweep)
+            test_comparison.checked_attacks(test_comparison.parse_args(argv))
 
     def evaluate(self, models: List[tuple]) -> dict:
         """One test_comparison.py run per model (eval/<dir>.json, skipped when it exists, so an
@@ -196,6 +205,13 @@ class Pipeline:
         began = time.time()
         test_comparison.main(argv)
         self.note(label, "test_comparison.py", argv, f"ran, {time.time() - began:.0f} s")
+
+
+def split_flags(text: Optional[str], flag: str) -> List[str]:
+    try:
+        return shlex.split(text or "")
+    except ValueError as err:
+        raise UserError(f"{flag}: {err}") from None
 
 
 def drop_flag(argv: List[str], flag: str) -> List[str]:
@@ -305,14 +321,14 @@ def check_seed(model_dir: Path, seed: int) -> None:
 
 def stage_state(model_dir: Path, output: str, epochs: int) -> str:
     """"done" when last.pth has reached ``epochs`` and ``output`` exists; "resume" when a last.pth
-    from an earlier epoch exists; "fresh" otherwise."""
+    from an earlier epoch exists; "replace" when last.pth is unreadable; "fresh" otherwise."""
     last = model_dir / "last.pth"
     if not last.is_file():
         return "fresh"
     try:
         epoch = torch.load(last, map_location="cpu", weights_only=True).get("epoch", 0)
     except Exception:  # a damaged last.pth: start the stage again
-        return "fresh"
+        return "replace"
     return "done" if epoch >= epochs and (model_dir / output).is_file() else "resume"
 
 
@@ -411,12 +427,17 @@ def main(argv=None):
     modules = (train_standard, train_MI_estimator, train_MI_estimator_only_max, train_MIAT, test_comparison)
     check_overrides(extra, modules)
     stage_flags = [*extra, *(t for stage in ("stage1", "stage2", "stage3") for t in
-                             shlex.split(getattr(args, f"{stage}_args") or ""))]
-    if "--seed" in (token.split("=", 1)[0] for token in stage_flags):
+                             split_flags(getattr(args, f"{stage}_args"), f"--{stage}-args"))]
+    given = {token.split("=", 1)[0] for token in stage_flags}
+    if "--seed" in given:
         raise UserError("--seed: use --seeds, which the pipeline hands to each stage")
+    for flag in ("--resume", "--overwrite"):
+        if flag in given:
+            raise UserError(f"{flag}: the pipeline resumes unfinished stages itself; run the same command again")
     if args.ablations and args.method not in ("namid", "all"):
         raise UserError(f"--ablations: the ablations are of NAMID; --method {args.method} trains none")
     pipe = Pipeline(args, extra)
+    pipe.check_eval_flags()
     out = pipe.out
     methods = METHODS if args.method == "all" else (args.method,)
     models = plan(pipe, methods, args.seeds, args.ablations)
@@ -426,7 +447,7 @@ def main(argv=None):
           f"{' (Fashion-MNIST is not installed: synthetic data)' if dataset == 'synthetic' else ''}; "
           f"outputs in {out}", flush=True)
     if not args.dry_run:
-        out.mkdir(parents=True, exist_ok=True)
+        writable_dir(out, "--out-dir")
     for index, step in enumerate(pipe.steps, 1):
         pipe.run_stage(index, *step)
     pipe.evaluate(models)
@@ -488,4 +509,5 @@ def mi_table_markdown(folder: Path) -> str:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted; finished stages and evaluations are kept: run the same command "
+                               "again to continue")

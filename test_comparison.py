@@ -17,7 +17,7 @@ import torch
 from models import MODEL_NAMES, get_model
 from utils.attacks.autoattack import VERSIONS as AA_VERSIONS
 from utils.attacks.registry import GROUPS, build_attack, expand_attack_names
-from utils.cli import Parser, add_data_args, check_positive, number
+from utils.cli import Parser, add_data_args, check_positive, linf_budget_problem, number
 from utils.evaluation import (
     Evaluation,
     Report,
@@ -37,6 +37,7 @@ from utils.training import (
     resolve_device,
     run_main,
     seed_everything,
+    writable_dir,
 )
 
 DEFAULT_ATTACKS = "pgd40,aa"
@@ -126,8 +127,8 @@ def build_parser() -> Parser:
                         "L-inf 8/255, 'all' runs the whole suite of its §7")
     p.add_argument("--epsilon", type=number, default=None,
                    help="ONE budget for every attack, e.g. 8/255 (default: per attack, 8/255 L-inf, 0.5 L2)")
-    p.add_argument("--aa-version", default="standard", choices=AA_VERSIONS,
-                   help="AutoAttack version: standard (the paper's), plus, rand, custom, release (40 iterations)")
+    p.add_argument("--aa-version", default="standard", choices=[v for v in AA_VERSIONS if v != "custom"],
+                   help="AutoAttack version: standard (the paper's), plus, rand, release (40 iterations)")
     p.add_argument("--eps-sweep", type=_epsilon_list, default=None, metavar="EPS_LIST",
                    help="also measure accuracy at each of these budgets, e.g. 0,2/255,4/255,8/255,16/255, "
                         "and plot it against epsilon")
@@ -137,7 +138,7 @@ def build_parser() -> Parser:
     p.add_argument("--plot", default=None, metavar="FILE",
                    help="PNG for --eps-sweep (default: <out stem>_eps_sweep.png next to --out, else eps_sweep.png)")
     # Data and run.
-    add_data_args(p)
+    add_data_args(p, selects=False)
     p.add_argument("--n-examples", type=int, default=None,
                    help="evaluate the first N test images, in order (default: the whole test split; "
                         "--test-limit instead takes a seeded random subset, before --n-examples)")
@@ -271,13 +272,38 @@ def default_plot_path(args) -> Path:
     return Path("eps_sweep.png")
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def checked_attacks(args):
+    """(the table's attacks, the sweep's), or a UserError naming the flag that cannot be meant."""
     try:
         attacks = build_attacks(args.attack_names, args)
     except ValueError as err:
         raise UserError(f"--attacks: {err}") from None
     sweeps = sweep_attacks(args, attacks)
+    for a in attacks:
+        if a.norm == "linf" and linf_budget_problem(a.epsilon, "--epsilon"):
+            raise UserError(linf_budget_problem(a.epsilon, "--epsilon"))
+    if any(a.norm == "linf" for a in sweeps) and linf_budget_problem(max(args.eps_sweep), "--eps-sweep"):
+        raise UserError(linf_budget_problem(max(args.eps_sweep), "--eps-sweep"))
+    return attacks, sweeps
+
+
+def check_output_paths(args, sweeps) -> None:
+    """Refuse an output path that cannot be written before the evaluation, not after it."""
+    paths = [("--out", args.out), ("--md", args.md)]
+    if sweeps:
+        paths.append(("--plot", default_plot_path(args)))
+    for flag, path in paths:
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise UserError(f"{flag}: {path} is a folder; give a file name")
+        writable_dir(Path(path).parent, flag)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    attacks, sweeps = checked_attacks(args)
+    check_output_paths(args, sweeps)
     specs = resolve_models(args)
     if args.surrogate and not Path(args.surrogate).is_file():
         raise UserError(f"--surrogate: no checkpoint at {args.surrogate}")
@@ -326,7 +352,6 @@ def main(argv=None):
     sys.stdout.write(text)
     sys.stdout.flush()
     if args.md:
-        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.md, text)
     if args.out:
         info_by_name = {s["name"]: {"arch": s["arch"], "checkpoint": str(s["path"])} for s in specs}
@@ -355,4 +380,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted; no result file was written")

@@ -7,6 +7,7 @@ last.pth, config.json and metrics.jsonl to --model-dir."""
 
 import torch
 
+from utils import distributed
 from utils.attacks.pgd import pgd
 from utils.cli import (
     Parser,
@@ -21,10 +22,12 @@ from utils.cli import (
     check_positive,
     finish_attack_args,
     finish_estimator_args,
+    number,
 )
 from utils.estimators import (
     build_estimators,
     build_one_estimator,
+    check_stage2_flags,
     internal_layer,
     load_estimators,
     load_standard_estimator,
@@ -45,9 +48,10 @@ def build_parser() -> Parser:
                    help="namid: the paper's defense; wmim: AT plus maximising Î(x̃; h(x̃)) (baseline)")
     p.add_argument("--adv-loss", default="ce", choices=ADV_LOSSES,
                    help="L_adv: ce (NAMID), trades (NAMID-T), mart (NAMID-M)")
-    p.add_argument("--beta", type=float, default=6.0, help="TRADES / MART trade-off β")
-    p.add_argument("--alpha", type=float, default=5.0, help="weight α of the MI loss (Eq. 9)")
-    p.add_argument("--lam", type=float, default=0.1, help="weight λ of the MI-gap term (Eq. 8); 0 is ablation (iii)")
+    p.add_argument("--beta", type=number, default=6.0, help="TRADES / MART trade-off β")
+    p.add_argument("--alpha", type=number, default=5.0, help="weight α of the MI loss (Eq. 9)")
+    p.add_argument("--lam", type=number, default=None,
+                   help="weight λ of the MI-gap term (Eq. 8); 0 is ablation (iii) (default: 0.1)")
     p.add_argument("--no-adv-mi", action="store_true", help="drop the adversarial-MI terms: ablation (i)")
     p.add_argument("--no-nat-mi", action="store_true", help="drop the natural-MI terms: ablation (ii)")
     p.add_argument("--release-loss", action="store_true",
@@ -74,12 +78,24 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     finish_attack_args(p, args)
     finish_estimator_args(p, args)
-    check_positive(p, args, "epochs", "batch_size", "lr")
-    check_non_negative(p, args, "alpha", "lam", "beta", "weight_decay", "warm_up_epochs", "epsilon_ramp_epochs",
-                       "save_freq", "val_size")
+    check_positive(p, args, "epochs", "batch_size", "lr", "lr_gamma")
+    check_non_negative(p, args, "alpha", "lam", "beta", "momentum", "weight_decay", "warm_up_epochs",
+                       "epsilon_ramp_epochs", "save_freq", "val_size")
     if args.no_adv_mi and args.no_nat_mi:
         p.error("--no-adv-mi and --no-nat-mi together leave no MI term; train with train_standard.py instead")
     explicit = [args.pre_local_n, args.pre_global_n, args.pre_local_a, args.pre_global_a]
+    # A flag that the chosen loss ignores would silently train something else than asked for.
+    if args.method == "wmim":
+        namid_only = {"--lam": args.lam is not None, "--no-adv-mi": args.no_adv_mi, "--no-nat-mi": args.no_nat_mi,
+                      "--release-loss": args.release_loss, "--pre-local-n/...": any(explicit)}
+        ignored = [flag for flag, given in namid_only.items() if given]
+        if ignored:
+            p.error(f"{', '.join(ignored)} only apply to --method namid")
+        if args.mi_dir is None:
+            p.error("--method wmim needs --mi-dir: the folder of train_MI_estimator_only_max.py")
+    if args.release_loss and args.lam is not None:
+        p.error("--release-loss has no λ term; drop --lam")
+    args.lam = 0.1 if args.lam is None else args.lam
     if args.mi_dir is None and not all(explicit):
         p.error("the estimators are missing: pass --mi-dir or all four of --pre-local-n/--pre-global-n/"
                 "--pre-local-a/--pre-global-a")
@@ -106,7 +122,9 @@ def namid_objective(model, est_n, est_a, x, x_adv, y, args):
     l_adv = adversarial_loss(args.adv_loss, logits_adv, y, logits_nat, args.beta)
     wrong = select_samples(logits_nat.detach(), logits_adv.detach(), y).wrong
     natural, noise = split_patterns(x, x_adv)
-    mi_n_nat = mi_n_adv = mi_a_nat = mi_a_adv = torch.zeros(y.shape[0], device=y.device)
+    # Under torchrun the MI terms range over the global batch, as in one process.
+    g_nat, g_adv, natural, noise, wrong = distributed.gather_batch(g_nat, g_adv, natural, noise, wrong)
+    mi_n_nat = mi_n_adv = mi_a_nat = mi_a_adv = torch.zeros(wrong.shape[0], device=wrong.device)
     with torch.no_grad():
         local_n = est_n.local(natural) if use_nat else None
         local_a = est_a.local(noise) if use_adv else None
@@ -128,8 +146,9 @@ def wmim_loss(model, standard, x, x_adv, y, args):
     logits_nat = target_outputs(model, x, layer)[0] if args.adv_loss != "ce" else None
     logits_adv, g_adv = target_outputs(model, x_adv, layer)
     l_adv = adversarial_loss(args.adv_loss, logits_adv, y, logits_nat, args.beta)
+    x_adv_all, g_adv = distributed.gather_batch(x_adv, g_adv)  # the global batch under torchrun
     with torch.no_grad():
-        local = standard.local(x_adv)
+        local = standard.local(x_adv_all)
     standard_mi = mi_per_sample(local, standard.global_(g_adv), args.mi_mode).mean()
     extra = {"l_adv": l_adv.detach(), "standard_mi": standard_mi.detach()}
     return l_adv - args.alpha * standard_mi, logits_adv, extra
@@ -137,6 +156,8 @@ def wmim_loss(model, standard, x, x_adv, y, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.mi_dir is not None:
+        check_stage2_flags(args, args.mi_dir)
     t = setup_target_training(args)
     model = t.model
     if args.method == "wmim":

@@ -13,11 +13,20 @@ mean a better estimator for stage 3. Writes <model-dir>/local_n_model.pth, globa
 local_a_model.pth, global_a_model.pth, last.pth, config.json, metrics.jsonl, mi_table.png."""
 import torch.nn as nn
 
-from utils.cli import Parser, check_non_negative
+from utils.cli import Parser, check_non_negative, number
 from utils.estimators import build_estimators, estimator_best_files
 from utils.mi_objectives import estimator_loss_paper, estimator_loss_release
 from utils.patterns import select_samples
-from utils.stage2 import add_stage2_args, attack_batch, evaluate_mi_table, finish_stage2_args, fit, mi_vectors, prepare
+from utils.stage2 import (
+    add_stage2_args,
+    attack_batch,
+    evaluate_mi_table,
+    finish_stage2_args,
+    fit,
+    global_batch,
+    mi_vectors,
+    prepare,
+)
 from utils.training import run_main
 
 
@@ -27,11 +36,11 @@ def build_parser() -> Parser:
                     gamma=0.1)
     p.add_argument("--objective", default="release", choices=("release", "paper"),
                    help="release: the release's losses (produced the paper's numbers); paper: Eq. 5 as printed")
-    p.add_argument("--cos-weight", type=float, default=5.0, help="release objective: weight w of the |cos| terms")
-    p.add_argument("--r-weight", type=float, default=0.5, help="release objective: weight r of the L_R terms")
-    p.add_argument("--a-r-cos-weight", type=float, default=8.0,
+    p.add_argument("--cos-weight", type=number, default=5.0, help="release objective: weight w of the |cos| terms")
+    p.add_argument("--r-weight", type=number, default=0.5, help="release objective: weight r of the L_R terms")
+    p.add_argument("--a-r-cos-weight", type=number, default=8.0,
                    help="release objective: weight of E_a's |1 − cos| term on R")
-    p.add_argument("--a-r-sum-weight", type=float, default=0.1,
+    p.add_argument("--a-r-sum-weight", type=number, default=0.1,
                    help="release objective: weight of E_a's Σ_R a_a(x̃)/|R| term")
     return p
 
@@ -50,8 +59,9 @@ def main(argv=None):
     estimators = nn.ModuleDict(build_estimators(args, setup.info, setup.target, setup.device))
 
     def step(x, y):
-        b = attack_batch(setup.target, x, y, args, setup.layer, args.num_steps)
-        sel = select_samples(b.logits_nat, b.logits_adv, y)
+        shard = attack_batch(setup.target, x, y, args, setup.layer, args.num_steps)
+        b = global_batch(shard)
+        sel = select_samples(b.logits_nat, b.logits_adv, b.y)
         mi = mi_vectors(estimators, b, args.mi_mode)
         if args.objective == "release":
             loss_n, loss_a = estimator_loss_release(*mi, sel, cos_weight=args.cos_weight, r_weight=args.r_weight,
@@ -60,7 +70,7 @@ def main(argv=None):
         else:
             loss_n, loss_a = estimator_loss_paper(*mi, sel.wrong)
         # train_acc is the target's clean accuracy on the (augmented) training batches.
-        return loss_n + loss_a, b.logits_nat, {"train_loss_n": loss_n.detach(), "train_loss_a": loss_a.detach(),
+        return loss_n + loss_a, shard.logits_nat, {"train_loss_n": loss_n.detach(), "train_loss_a": loss_a.detach(),
                                                "train_w_size": sel.wrong.sum(), "train_r_size": sel.right.sum()}
 
     fit(args, setup, estimators, step, lambda: evaluate_mi_table(setup, estimators, args, not args.no_progress),

@@ -25,6 +25,7 @@ from utils.stage2 import (
     evaluate_standard_mi,
     finish_stage2_args,
     fit,
+    global_batch,
     prepare,
 )
 from utils.training import run_main
@@ -55,9 +56,10 @@ def main(argv=None):
         estimators = nn.ModuleDict({"standard": estimator})
 
         def step(x, y):
-            b = attack_batch(setup.target, x, y, args, setup.layer, args.num_steps)
+            shard = attack_batch(setup.target, x, y, args, setup.layer, args.num_steps)
+            b = global_batch(shard)
             loss = -estimator.mi(b.x_adv, b.g_adv, args.mi_mode).mean()
-            return loss, b.logits_nat, {"train_fooled": attack_succeeded(b.logits_adv, y).sum()}
+            return loss, shard.logits_nat, {"train_fooled": attack_succeeded(b.logits_adv, b.y).sum()}
 
         fit(args, setup, estimators, step, lambda: evaluate_standard_mi(setup, estimator, args, progress),
             best={STANDARD_FILES["local"]: estimator.local, STANDARD_FILES["global"]: estimator.global_})
@@ -67,13 +69,14 @@ def main(argv=None):
     e_n, e_a = estimators["natural"], estimators["adversarial"]
 
     def step(x, y):
-        b = attack_batch(setup.target, x, y, args, setup.layer, args.num_steps)
-        sel = select_samples(b.logits_nat, b.logits_adv, y)
-        fooled = attack_succeeded(b.logits_adv, y)
+        shard = attack_batch(setup.target, x, y, args, setup.layer, args.num_steps)
+        b = global_batch(shard)
+        sel = select_samples(b.logits_nat, b.logits_adv, b.y)
+        fooled = attack_succeeded(b.logits_adv, b.y)
         # Eq. 4 needs only these two of the four MI terms.
         loss_n, loss_a = estimator_loss_max(e_n.mi(b.x, b.g_nat, args.mi_mode), e_a.mi(b.n, b.g_adv, args.mi_mode),
                                             sel.correct, fooled)
-        return loss_n + loss_a, b.logits_nat, {"train_loss_n": loss_n.detach(), "train_loss_a": loss_a.detach(),
+        return loss_n + loss_a, shard.logits_nat, {"train_loss_n": loss_n.detach(), "train_loss_a": loss_a.detach(),
                                                "train_c_size": sel.correct.sum(), "train_fooled": fooled.sum()}
 
     fit(args, setup, estimators, step, lambda: evaluate_mi_table(setup, estimators, args, progress),

@@ -16,6 +16,7 @@ from utils.cli import (
     check_non_negative,
     check_positive,
     finish_attack_args,
+    number,
 )
 from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS, adversarial_loss, needs_natural_logits
 from utils.training import Run, fit_target, run_main, setup_target_training
@@ -26,7 +27,7 @@ def build_parser() -> Parser:
     add_data_args(p)
     add_model_args(p)
     p.add_argument("--loss", default="ce", choices=ADV_LOSSES, help="ce: Standard AT, trades: TRADES, mart: MART")
-    p.add_argument("--beta", type=float, default=6.0, help="TRADES / MART trade-off β")
+    p.add_argument("--beta", type=number, default=6.0, help="TRADES / MART trade-off β")
     add_attack_args(p)
     add_optim_args(p)
     add_speed_args(p)
@@ -40,9 +41,9 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     finish_attack_args(p, args)
-    check_positive(p, args, "epochs", "batch_size", "lr")
-    check_non_negative(p, args, "beta", "weight_decay", "warm_up_epochs", "epsilon_ramp_epochs", "save_freq",
-                       "val_size")
+    check_positive(p, args, "epochs", "batch_size", "lr", "lr_gamma")
+    check_non_negative(p, args, "beta", "momentum", "weight_decay", "warm_up_epochs", "epsilon_ramp_epochs",
+                       "save_freq", "val_size")
     return args
 
 

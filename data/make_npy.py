@@ -58,10 +58,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--train-limit", type=int, default=None, help="keep a seeded train subset")
     parser.add_argument("--test-limit", type=int, default=None, help="keep a seeded test subset")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsets (and of synthetic data)")
+    parser.add_argument("--synthetic-size", type=int, nargs=2, default=(512, 256), metavar=("TRAIN", "TEST"),
+                        help="image counts of --dataset synthetic (50000 10000: CIFAR-10's sizes, for timing)")
     args = parser.parse_args(argv)
     try:
         limits = {"train_limit": args.train_limit, "test_limit": args.test_limit}
-        splits, info = load_splits(args.dataset, args.data_dir, seed=args.seed, **limits)
+        splits, info = load_splits(args.dataset, args.data_dir, seed=args.seed, synthetic_size=args.synthetic_size,
+                                   **limits)
         paths = write_npy(splits, args.out)
     except (DataError, OSError, ValueError) as exc:
         message = " ".join(str(exc).split())

@@ -15,8 +15,8 @@ from utils import distributed  # noqa: E402
 from utils.data import BatchLoader, load_splits  # noqa: E402
 
 
-def main(out: str) -> None:
-    ctx = distributed.init("cpu")
+def gradients() -> dict:
+    ctx = distributed.context()
     torch.manual_seed(0)
     # No BatchNorm and no dropout: the only per-process work is the shard of the batch.
     net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 15 * 15, 10))
@@ -26,10 +26,19 @@ def main(out: str) -> None:
                          generator=torch.Generator().manual_seed(0), rank=ctx.rank, world_size=ctx.world_size)
     x, y = next(iter(loader))
     F.cross_entropy(model(x), y).backward()
+    return {k: p.grad for k, p in net.named_parameters()}
+
+
+def save_gradients(compute, out: str) -> None:
+    """Join torchrun's group (if any), run ``compute()`` and save its dict from the first process."""
+    ctx = distributed.init("cpu")
+    grads = compute()
     if ctx.is_main:
-        torch.save({k: p.grad for k, p in net.named_parameters()}, out)
+        torch.save(grads, out)
+    # The DDP wrapper is gone with compute()'s frame: a process group destroyed while DDP still
+    # holds it can abort the process at exit.
     distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    save_gradients(gradients, sys.argv[1])

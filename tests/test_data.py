@@ -124,6 +124,16 @@ def test_limits_are_seeded_ordered_and_val_is_disjoint():
     assert all(r in test_rows for r in rows(a["test"]))
 
 
+def test_default_val_size_holds_out_1000_or_a_tenth():
+    """val_size=None (the training scripts' default) holds out images for model selection."""
+    from utils.data import default_val_size
+
+    assert default_val_size(50_000) == 1000 and default_val_size(6_000) == 600 and default_val_size(5) == 1
+    splits, _ = synthetic(train_limit=50, val_size=None)
+    assert (len(splits["train"]), len(splits["val"])) == (45, 5)
+    assert synthetic(train_limit=50)[0]["val"] is None  # load_splits itself holds out nothing by default
+
+
 @pytest.mark.parametrize(
     "kw, flag",
     [
@@ -333,6 +343,10 @@ def test_make_npy_cli(tmp_path, capsys):
     out = str(tmp_path / "out")
     assert make_npy.main(["--dataset", "synthetic", "--out", out, "--train-limit", "100"]) == 0
     assert np.load(tmp_path / "out" / "train_images.npy").shape == (100, 32, 32, 3)
+    assert make_npy.main(["--dataset", "synthetic", "--out", out, "--synthetic-size", "70", "30"]) == 0
+    assert len(np.load(tmp_path / "out" / "train_labels.npy")) == 70
+    assert len(np.load(tmp_path / "out" / "test_labels.npy")) == 30
+    assert make_npy.main(["--dataset", "synthetic", "--out", out, "--synthetic-size", "0", "30"]) == 2
     capsys.readouterr()
     assert make_npy.main(["--dataset", "npy", "--data-dir", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

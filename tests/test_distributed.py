@@ -62,15 +62,19 @@ def _run(cmd, env_extra=None):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
+def _one_and_two_processes(worker: str, tmp_path, port: int):
+    """What ``worker`` saved when run alone and under torchrun with 2 gloo processes."""
+    single = _run([sys.executable, worker, str(tmp_path / "one.pt")])
+    assert single.returncode == 0, single.stderr
+    double = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                   worker, str(tmp_path / "two.pt")])
+    assert double.returncode == 0, double.stderr[-2000:]
+    return (torch.load(tmp_path / name, weights_only=True) for name in ("one.pt", "two.pt"))
+
+
 def test_ddp_gradients_equal_single_process_gradients(tmp_path):
     """Two gloo processes, each on its shard of the global batch, average to the one-process gradient."""
-    single = _run([sys.executable, "tests/ddp_worker.py", str(tmp_path / "one.pt")])
-    assert single.returncode == 0, single.stderr
-    double = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                   "tests/ddp_worker.py", str(tmp_path / "two.pt")])
-    assert double.returncode == 0, double.stderr[-2000:]
-    one = torch.load(tmp_path / "one.pt", weights_only=True)
-    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    one, two = _one_and_two_processes("tests/ddp_worker.py", tmp_path, 29517)
     for key, grad in one.items():
         assert grad.abs().sum() > 0
         assert torch.allclose(two[key], grad, rtol=1e-4, atol=1e-6), key
@@ -122,3 +126,15 @@ def test_torchrun_stage2_and_stage3(tmp_path, script):
     assert 0 <= record["clean_acc"] <= 100
     if script == "train_MI_estimator.py":
         assert record["n_right"] + record["n_wrong"] <= 32  # summed over both shards of the 32 test images
+
+
+def test_mi_terms_under_torchrun_equal_one_process(tmp_path):
+    """Stages 2 and 3 gather the batch for their MI terms: two gloo processes give the one-process
+    gradients of the NAMID objective (target) and of the estimator objective (estimators)."""
+    one, two = _one_and_two_processes("tests/ddp_mi_worker.py", tmp_path, 29523)
+    assert one["w_size"] == two["w_size"] > 0
+    assert any(k.startswith("estimators.") for k in one) and any(k.startswith("target.") for k in one)
+    for key, grad in one.items():
+        if key != "w_size":
+            assert grad.abs().sum() > 0, key
+            assert torch.allclose(two[key], grad, rtol=1e-4, atol=1e-6), key

@@ -276,7 +276,8 @@ def test_n_examples_takes_the_first_n_in_order(test_split, tmp_path, capsys):
 
 
 BAD_INPUT = ["unknown attack", "missing checkpoint", "mismatched arch", "too many examples", "no model",
-             "sweep mixing norms"]
+             "sweep mixing norms", "linf epsilon on the 0-255 scale", "linf sweep on the 0-255 scale",
+             "custom AutoAttack", "--out is a folder"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
@@ -290,11 +291,15 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys, case):
         "too many examples": ([*ok, "--n-examples", "65"], ["--n-examples 65", "64"]),
         "no model": (["--attacks", "pgd1"], ["no model"]),
         "sweep mixing norms": ([*ok, "--sweep-attacks", "pgd2,ddn", "--eps-sweep", "0,0.1"], ["different norms"]),
+        "linf epsilon on the 0-255 scale": ([*ok, "--epsilon", "8"], ["--epsilon", "8/255"]),
+        "linf sweep on the 0-255 scale": ([*ok, "--eps-sweep", "0,4,8"], ["--eps-sweep", "8/255"]),
+        "custom AutoAttack": ([*ok, "--aa-version", "custom"], ["--aa-version"]),
+        "--out is a folder": ([*ok, "--out", tmp_path], ["--out", "folder"]),
     }[case]
     assert_user_error(_run(capsys, argv), *fragments)
 
 
-def test_eps_sweep_writes_a_png_and_sweeps_minimum_norm_attacks_in_one_run(trained, tmp_path, capsys):
+def test_eps_sweep_writes_a_png_and_sweeps_l2_attacks(trained, tmp_path, capsys):
     code, out, err = _run(capsys, ["--model-dir", trained, "--arch", "smallcnn", "--attacks", "pgd2,ddn",
                                    "--eps-sweep", "0,2/255,16/255", "--n-examples", "16", "--out", tmp_path / "s.json"])
     assert code == 0, err
@@ -309,15 +314,16 @@ def test_eps_sweep_writes_a_png_and_sweeps_minimum_norm_attacks_in_one_run(train
     assert data["settings"]["eps_sweep"]["plot"] == str(png)
     assert "against ε" in out
 
-    code, _, err = _run(capsys, ["--model-dir", trained, "--arch", "smallcnn", "--attacks", "ddn",
-                                 "--sweep-attacks", "ddn", "--eps-sweep", "0.1,0.5,2", "--n-examples", "16",
+    # CW ignores ε while it runs: one run serves every budget, so the curve cannot rise.
+    code, _, err = _run(capsys, ["--model-dir", trained, "--arch", "smallcnn", "--attacks", "cw",
+                                 "--sweep-attacks", "cw", "--eps-sweep", "0.1,0.5,2", "--n-examples", "16",
                                  "--out", tmp_path / "d.json", "--plot", tmp_path / "plots" / "d.png"])
     assert code == 0, err
     assert (tmp_path / "plots" / "d.png").is_file()
     model = _json(tmp_path / "d.json")["models"][0]
-    accs = model["eps_sweep"]["ddn"]["accuracy"]
+    accs = model["eps_sweep"]["cw"]["accuracy"]
     assert accs == sorted(accs, reverse=True)
-    assert accs[1] == model["attacks"]["ddn"]  # ε 0.5 is the table's budget: reused
+    assert accs[1] == model["attacks"]["cw"]  # ε 0.5 is the table's budget: reused
 
 
 # ---------------------------------------------------------------- trust checks

@@ -82,7 +82,7 @@ def test_local_nets_see_each_pattern_once():
 
 def test_gradients_reach_theta_only_through_the_global_nets(monkeypatch):
     torch.manual_seed(3)
-    model, est_n, est_a, x, _ = setup(n=64)
+    model, est_n, est_a, x, _ = setup(n=128)
     x, x_adv, y = wrong_batch(model, x)
     assert len(y) >= 4
     args = objective_args(alpha=1.0)
@@ -137,7 +137,7 @@ def test_empty_w_gives_zero_mi_loss():
 
 def test_each_ablation_removes_exactly_its_terms():
     torch.manual_seed(5)
-    model, est_n, est_a, x, _ = setup(n=64)
+    model, est_n, est_a, x, _ = setup(n=128)
     x, x_adv, y = wrong_batch(model, x)
     model.eval()  # the same logits for every variant
 
@@ -224,6 +224,19 @@ def test_estimator_of_another_internal_variant(mi_dir, tmp_path, capsys):
     assert_user_error(run_script(capsys, "train_MIAT", argv), "--mi-dir", "global_n_model.pth")
 
 
+def test_estimator_flags_must_match_stage_2(mi_dir, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "mi"
+    shutil.copytree(mi_dir, folder)
+    (folder / "config.json").write_text(json.dumps({"mi_mode": "dv", "va_hsize": HSIZE, "is_internal": False,
+                                                    "is_internal_last": False}))
+    argv = [*BASE, "--mi-dir", folder, "--model-dir", tmp_path / "m"]
+    assert_user_error(run_script(capsys, "train_MIAT", [*argv, "--va-mode", "nce"]), "--va-mode", "'dv'")
+    code, _, err = run_script(capsys, "train_MIAT", argv)
+    assert code == 0, err
+
+
 def test_not_a_checkpoint(mi_dir, tmp_path, capsys):
     (tmp_path / "bad.pth").write_text("nope")
     flags = ["--pre-local-n", tmp_path / "bad.pth", "--pre-global-n", mi_dir / "global_n_model.pth",
@@ -237,6 +250,12 @@ def test_not_a_checkpoint(mi_dir, tmp_path, capsys):
     ([], "--mi-dir"),
     (["--no-adv-mi", "--no-nat-mi", "--mi-dir", "x"], "--no-adv-mi"),
     (["--va-mode", "mine", "--mi-dir", "x"], "--va-mode"),
+    (["--method", "wmim", "--lam", "0", "--mi-dir", "x"], "--lam"),
+    (["--method", "wmim", "--no-adv-mi", "--mi-dir", "x"], "--no-adv-mi"),
+    (["--method", "wmim", "--pre-local-n", "a", "--pre-global-n", "b", "--pre-local-a", "c", "--pre-global-a", "d"],
+     "--pre-local-n"),
+    (["--method", "wmim"], "--mi-dir"),
+    (["--release-loss", "--lam", "0.1", "--mi-dir", "x"], "--release-loss"),
 ])
 def test_bad_flags(argv, fragment, tmp_path, capsys):
     assert_user_error(run_script(capsys, "train_MIAT", [*BASE, *argv, "--model-dir", tmp_path]), fragment)

@@ -27,7 +27,7 @@ def test_short_real_run_learns_and_writes_every_file(tmp_path, capsys):
         assert (run / name).is_file(), name
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
-    for key in ("epoch", "lr", "train_loss", "train_acc", "clean_acc", "pgd_acc", "seconds"):
+    for key in ("epoch", "lr", "train_loss", "train_acc", "clean_acc", "pgd_acc", "train_seconds", "seconds"):
         assert key in lines[0]
     assert lines[1]["lr"] == pytest.approx(0.005)  # divided by 10 at milestone 1
     assert lines[-1]["clean_acc"] > 50.0  # chance is 10 %
@@ -89,8 +89,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, capsys, mon
         assert torch.equal(value, part["model"][key]), key
     full_lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     part_lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
-    strip = [{k: v for k, v in json.loads(ln).items() if k != "seconds"} for ln in full_lines]
-    assert strip == [{k: v for k, v in json.loads(ln).items() if k != "seconds"} for ln in part_lines]
+    wall = ("seconds", "train_seconds")
+    strip = [{k: v for k, v in json.loads(ln).items() if k not in wall} for ln in full_lines]
+    assert strip == [{k: v for k, v in json.loads(ln).items() if k not in wall} for ln in part_lines]
 
 
 @pytest.mark.parametrize("argv,fragments", [
@@ -102,6 +103,12 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, capsys, mon
     (["--num-steps", "0"], ["--num-steps"]),
     (["--step-size", "0"], ["--step-size"]),
     (["--epsilon", "abc"], ["--epsilon"]),
+    (["--epsilon", "8"], ["--epsilon", "8/255"]),  # the 0-255 scale by mistake
+    (["--epsilon", "nan"], ["--epsilon", "finite"]),
+    (["--lr", "nan"], ["--lr"]),
+    (["--lr", "inf"], ["--lr"]),
+    (["--momentum", "-1"], ["--momentum"]),
+    (["--lr-gamma", "0"], ["--lr-gamma"]),
 ])
 def test_bad_flags_give_one_line(tmp_path, capsys, argv, fragments):
     result = run_script(capsys, "train_standard", [*argv, "--model-dir", tmp_path / "m"])
@@ -134,6 +141,74 @@ def test_resume_with_wrong_architecture(tmp_path, capsys):
     assert code == 0, err
     argv = [*SYNTH, "--epochs", "2", "--model-dir", tmp_path, "--resume", "--arch", "smallcnn-nobn"]
     assert_user_error(run_script(capsys, "train_standard", argv), "--resume", "model")
+
+
+def test_resume_refuses_changed_flags_and_keeps_the_config(tmp_path, capsys):
+    code, _, err = run_script(capsys, "train_standard", [*SYNTH, "--epochs", "1", "--model-dir", tmp_path])
+    assert code == 0, err
+    config = (tmp_path / "config.json").read_text()
+    result = _resume(tmp_path, capsys, ["--lr", "0.5", "--epochs", "2"])
+    assert_user_error(result, "--resume", "--lr")
+    assert (tmp_path / "config.json").read_text() == config
+    # --epochs (and the speed flags) may change: that is how a run is extended.
+    code, _, err = _resume(tmp_path, capsys, ["--epochs", "2", "--channels-last"])
+    assert code == 0, err
+    assert [json.loads(ln)["epoch"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_fresh_start_refuses_a_folder_holding_a_run(tmp_path, capsys):
+    argv = [*SYNTH, "--epochs", "1", "--model-dir", tmp_path]
+    code, _, err = run_script(capsys, "train_standard", argv)
+    assert code == 0, err
+    before = (tmp_path / "metrics.jsonl").read_text()
+    assert_user_error(run_script(capsys, "train_standard", argv), "--resume", "--overwrite")
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    code, _, err = run_script(capsys, "train_standard", [*argv, "--overwrite"])
+    assert code == 0, err
+
+
+def test_unwritable_model_dir_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    import utils.data
+
+    def no_loading(*a, **k):
+        raise AssertionError("data loaded before --model-dir was checked")
+
+    monkeypatch.setattr(utils.data, "load_splits", no_loading)
+    argv = [*SYNTH, "--epochs", "1", "--model-dir", tmp_path / "a_file"]
+    assert_user_error(run_script(capsys, "train_standard", argv), "--model-dir", "a_file")
+
+
+def test_checkpoints_get_the_usual_file_permissions(tmp_path, capsys):
+    code, _, err = run_script(capsys, "train_standard", [*SYNTH, "--epochs", "1", "--model-dir", tmp_path])
+    assert code == 0, err
+    expected = (tmp_path / "metrics.jsonl").stat().st_mode & 0o777  # an ordinary appended file
+    for name in ("last.pth", "best_model.pth", "config.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
+def test_divergence_stops_with_one_line(tmp_path, capsys):
+    argv = [*SYNTH, "--epochs", "2", "--train-limit", "128", "--lr", "1e30", "--model-dir", tmp_path]
+    assert_user_error(run_script(capsys, "train_standard", argv), "diverged", "--lr")
+    assert not (tmp_path / "last.pth").exists()  # the NaN epoch is never committed
+
+
+def test_resume_of_a_finished_run_says_so(tmp_path, capsys):
+    code, _, err = run_script(capsys, "train_standard", [*SYNTH, "--epochs", "1", "--model-dir", tmp_path])
+    assert code == 0, err
+    code, out, err = _resume(tmp_path, capsys)
+    assert code == 0, err
+    assert "nothing to train" in out
+
+
+def test_resume_drops_a_torn_metrics_line(tmp_path, capsys):
+    code, _, err = run_script(capsys, "train_standard", [*SYNTH, "--epochs", "1", "--model-dir", tmp_path])
+    assert code == 0, err
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "lr": 0.0')  # a crash in the middle of the next epoch's line
+    code, _, err = _resume(tmp_path, capsys, ["--epochs", "2"])
+    assert code == 0, err
+    assert [json.loads(ln)["epoch"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 class Boom:

@@ -3,8 +3,10 @@
 Every ``--long-flag`` also answers to ``--long_flag`` (the release's spelling). Errors in
 flags print one line and exit with status 2, as argparse does, without a usage dump."""
 import argparse
+import math
 import sys
 from fractions import Fraction
+from typing import Optional
 
 from models import MODEL_NAMES
 from utils.data import DATASETS
@@ -34,19 +36,38 @@ class Parser(argparse.ArgumentParser):
 def number(text: str) -> float:
     """A float that may be written as a fraction, e.g. ``8/255``."""
     try:
-        return float(Fraction(text)) if "/" in text else float(text)
+        value = float(Fraction(text)) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
 
 
-def add_data_args(p: Parser) -> None:
+def linf_budget_problem(value: float, flag: str) -> Optional[str]:
+    """Images are in [0, 1]: an L∞ budget of 1 or more allows any image, and is almost surely a
+    budget on the 0–255 scale."""
+    if value >= 1:
+        return (f"{flag} {value:g} is an L-inf budget of {value:g} on images in [0, 1], i.e. any image; "
+                f"on the 0-255 scale write {value:g}/255")
+    return None
+
+
+def add_data_args(p: Parser, selects: bool = True) -> None:
+    """``selects``: the script picks a model on the held-out split, so one is held out by default
+    (PAPER.md §6 and §9: the release chose its models on the test set)."""
     p.add_argument("--dataset", default="cifar10", choices=DATASETS, metavar="{" + ",".join(DATASETS) + "}",
                    help="dataset to train and evaluate on")
     p.add_argument("--data-dir", default="data", help="where the dataset's files live (see data/README.md)")
     p.add_argument("--train-limit", type=int, default=None, help="train on a fixed, seeded subset of N images")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on a fixed, seeded subset of N images")
-    p.add_argument("--val-size", type=int, default=0,
-                   help="hold out N training images for model selection (0: select on the test split, as the release)")
+    if selects:
+        p.add_argument("--val-size", type=int, default=None,
+                       help="hold out N training images for model selection and the per-epoch metrics (default: "
+                            "1000, or a tenth of a training split under 10,000; 0: the test split, as the release)")
+    else:
+        p.add_argument("--val-size", type=int, default=0,
+                       help="hold out N training images (not used for selection here; 0: none)")
     p.add_argument("--workers", type=int, default=0,
                    help="accepted for the release's command lines; the tensor data pipeline needs no workers")
 
@@ -59,7 +80,7 @@ def add_model_args(p: Parser, default: str = "resnet18") -> None:
 def add_attack_args(p: Parser, num_steps: int = 10, eval_steps: int = 20) -> None:
     p.add_argument("--distance", default="l_inf", choices=("l_inf", "l_2"), help="threat model")
     p.add_argument("--epsilon", type=number, default=None,
-                   help="perturbation budget (default 8/255 for l_inf, 0.5 for l_2)")
+                   help="perturbation budget, e.g. 8/255 (default: 8/255 for l_inf, 0.5 for l_2)")
     p.add_argument("--step-size", type=number, default=None, help="PGD step size (default epsilon/4)")
     p.add_argument("--num-steps", type=int, default=num_steps, help="PGD steps while training")
     p.add_argument("--eval-steps", type=int, default=eval_steps, help="PGD steps for the per-epoch robust accuracy")
@@ -67,14 +88,15 @@ def add_attack_args(p: Parser, num_steps: int = 10, eval_steps: int = 20) -> Non
 
 def add_optim_args(p: Parser, epochs: int = 100, batch_size: int = 256, lr: float = 0.1,
                    milestones=(75, 90)) -> None:
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=2e-4)
+    p.add_argument("--epochs", type=int, default=epochs, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help="global batch (the paper's 1024 or the release's 256; under torchrun split over processes)")
+    p.add_argument("--lr", type=number, default=lr, help="SGD learning rate")
+    p.add_argument("--momentum", type=number, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=number, default=2e-4, help="SGD weight decay")
     p.add_argument("--lr-milestones", type=int, nargs="*", default=list(milestones),
                    help="epochs at which the learning rate is multiplied by --lr-gamma")
-    p.add_argument("--lr-gamma", type=float, default=0.1)
+    p.add_argument("--lr-gamma", type=number, default=0.1, help="learning-rate factor at each milestone")
     p.add_argument("--warm-up-epochs", type=int, default=0,
                    help="epochs of clean cross-entropy training before adversarial training starts")
     p.add_argument("--epsilon-ramp-epochs", type=int, default=0,
@@ -82,10 +104,13 @@ def add_optim_args(p: Parser, epochs: int = 100, batch_size: int = 256, lr: floa
 
 
 def add_run_args(p: Parser, model_dir: str) -> None:
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and attacks")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
     p.add_argument("--model-dir", default=model_dir, help="where checkpoints, config.json and metrics.jsonl go")
-    p.add_argument("--resume", action="store_true", help="continue from <model-dir>/last.pth")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <model-dir>/last.pth (the same flags; only --epochs and speed flags may change)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --model-dir that already holds a run, replacing it")
     p.add_argument("--save-freq", type=int, default=0, help="also keep model_epoch<N>.pth every N epochs (0: never)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -96,9 +121,11 @@ def finish_attack_args(p: Parser, args: argparse.Namespace) -> argparse.Namespac
         args.epsilon = 8 / 255 if args.distance == "l_inf" else 0.5
     if args.step_size is None:
         args.step_size = args.epsilon / 4
-    if args.epsilon <= 0:
+    if not args.epsilon > 0:
         p.error(f"--epsilon must be positive, got {args.epsilon}")
-    if args.step_size <= 0:
+    if args.distance == "l_inf" and linf_budget_problem(args.epsilon, "--epsilon"):
+        p.error(linf_budget_problem(args.epsilon, "--epsilon"))
+    if not args.step_size > 0:
         p.error(f"--step-size must be positive, got {args.step_size}")
     for flag in ("num_steps", "eval_steps"):
         if getattr(args, flag, 1) < 1:
@@ -109,14 +136,14 @@ def finish_attack_args(p: Parser, args: argparse.Namespace) -> argparse.Namespac
 def check_positive(p: Parser, args: argparse.Namespace, *flags: str) -> None:
     for flag in flags:
         value = getattr(args, flag)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:  # "not >" also refuses NaN
             p.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
 
 
 def check_non_negative(p: Parser, args: argparse.Namespace, *flags: str) -> None:
     for flag in flags:
         value = getattr(args, flag)
-        if value is not None and value < 0:
+        if value is not None and not value >= 0:  # "not >=" also refuses NaN
             p.error(f"--{flag.replace('_', '-')} must not be negative, got {value}")
 
 

@@ -122,7 +122,7 @@ def load_splits(
     *,
     train_limit: Optional[int] = None,
     test_limit: Optional[int] = None,
-    val_size: int = 0,
+    val_size: Optional[int] = 0,
     seed: int = 0,
     synthetic_size: Tuple[int, int] = (512, 256),
     synthetic_shape: Tuple[int, int, int] = (3, 32, 32),
@@ -149,9 +149,17 @@ def load_splits(
     train = _limit(train, train_limit, seed, "--train-limit", "training")
     test = _limit(test, test_limit, seed + 1, "--test-limit", "test")
     val = None
+    if val_size is None:
+        val_size = default_val_size(len(train))
     if val_size:
         train, val = _hold_out(train, val_size, seed + 2)
     return {"train": train, "val": val, "test": test}, info
+
+
+def default_val_size(n_train: int) -> int:
+    """Held-out images for model selection when --val-size is not given: 1,000 (the usual
+    CIFAR-10 hold-out), or a tenth of a training split under 10,000 images, and at least one."""
+    return max(1, min(1000, n_train // 10))
 
 
 def _existing_dir(data_dir, name: str) -> Path:

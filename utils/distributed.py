@@ -4,6 +4,7 @@
 them everything here is a no-op and the scripts run as one process."""
 import os
 from dataclasses import dataclass
+from typing import List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -70,6 +71,51 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if _CONTEXT.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def gather_batch(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Each tensor's rows from every process, concatenated in rank order: the global batch that
+    one process would hold. The MI terms need it: their negatives, batch cosines and means over
+    W range over the whole batch, not over one process's shard.
+
+    Every process then computes the same loss from the gathered rows; a gathered tensor that
+    requires grad sends each process the gradient of its own rows, summed over processes, which
+    DDP's averaging turns back into the one-process gradient. One process: returned unchanged."""
+    if not _CONTEXT.enabled:
+        return tensors
+    sizes = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
+    gathered = [torch.empty_like(sizes) for _ in range(_CONTEXT.world_size)]
+    dist.all_gather(gathered, sizes)
+    rows = [int(s) for s in torch.cat(gathered).tolist()]  # shards may differ by a row at an epoch's end
+    return tuple(_GatherRows.apply(t, rows) if t.requires_grad else _gather_rows(t, rows) for t in tensors)
+
+
+def _gather_rows(tensor: torch.Tensor, rows: List[int]) -> torch.Tensor:
+    if tensor.shape[0] != rows[_CONTEXT.rank]:
+        raise ValueError(f"gather_batch: a tensor of {tensor.shape[0]} rows in a shard of {rows[_CONTEXT.rank]}")
+    flag = tensor.dtype == torch.bool  # not every backend reduces or gathers bool
+    t = tensor.to(torch.uint8) if flag else tensor
+    padded = t.new_zeros((max(rows), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    pieces = [torch.empty_like(padded) for _ in rows]
+    dist.all_gather(pieces, padded.contiguous())
+    out = torch.cat([piece[:n] for piece, n in zip(pieces, rows)])
+    return out.bool() if flag else out
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, rows):
+        ctx.rows = rows
+        return _gather_rows(tensor.detach(), rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # all_reduce rather than reduce_scatter: gloo has no reduce_scatter.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.rows[: _CONTEXT.rank])
+        return grad[start: start + ctx.rows[_CONTEXT.rank]], None
 
 
 def average_gradients(model: nn.Module) -> None:

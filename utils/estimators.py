@@ -2,6 +2,7 @@
 
 Files use the release's names: local_n_model.pth, global_n_model.pth, local_a_model.pth,
 global_a_model.pth, each a plain state_dict."""
+import json
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -24,6 +25,25 @@ RELEASE_FLAGS = {
     ("adversarial", "local"): "--pre-local-a",
     ("adversarial", "global"): "--pre-global-a",
 }
+
+
+# Flags that fix how the estimators read their inputs and score them: stage 3 must use stage 2's.
+ESTIMATOR_FLAGS = ("mi_mode", "va_hsize", "is_internal", "is_internal_last")
+
+
+def check_stage2_flags(args, mi_dir) -> None:
+    """Refuse estimator flags that differ from those the stage-2 run in ``mi_dir`` recorded in its
+    config.json (a folder without one, e.g. the release's files, is not checked)."""
+    path = Path(mi_dir) / "config.json"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    for key in ESTIMATOR_FLAGS:
+        if key in stored and stored[key] != getattr(args, key, stored[key]):
+            flag = "--va-mode" if key == "mi_mode" else f"--{key.replace('_', '-')}"
+            raise UserError(f"{flag}: the estimators in {mi_dir} were trained with {stored[key]!r}, "
+                            f"not {getattr(args, key)!r}; pass the same value")
 
 
 def internal_layer(args) -> Optional[str]:

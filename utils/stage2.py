@@ -30,6 +30,7 @@ from utils.cli import (
     check_positive,
     finish_attack_args,
     finish_estimator_args,
+    number,
 )
 from utils.data import BatchLoader, DatasetInfo, load_splits
 from utils.estimators import internal_layer, target_outputs
@@ -39,6 +40,7 @@ from utils.patterns import select_samples, split_patterns
 from utils.training import (
     FastPath,
     Run,
+    check_finite,
     eval_mode,
     format_metrics,
     load_weights,
@@ -46,6 +48,7 @@ from utils.training import (
     seed_everything,
     train_epoch,
     training_loaders,
+    writable_dir,
 )
 
 Tensor = torch.Tensor
@@ -55,7 +58,7 @@ Tensor = torch.Tensor
 
 def add_stage2_args(p: Parser, *, model_dir: str, epochs: int, batch_size: int, milestones, gamma: float) -> None:
     """Flags of both stage-2 scripts, with the release's names; the defaults are each script's."""
-    add_data_args(p)
+    add_data_args(p, selects=False)
     add_model_args(p)
     p.add_argument("--pre-target", required=True,
                    help="the frozen target h_θ0: stage 1's best_model.pth (or its last.pth)")
@@ -68,10 +71,10 @@ def add_stage2_args(p: Parser, *, model_dir: str, epochs: int, batch_size: int, 
             action.help = "PGD steps for the per-epoch table and accuracy (default: --num-steps, the same attack)"
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--lr-mi", type=float, default=1e-2, help="Adam learning rate of the estimators")
+    p.add_argument("--lr-mi", type=number, default=1e-2, help="Adam learning rate of the estimators")
     p.add_argument("--lr-milestones", type=int, nargs="*", default=list(milestones),
                    help="epochs at which the learning rate is multiplied by --lr-gamma")
-    p.add_argument("--lr-gamma", type=float, default=gamma)
+    p.add_argument("--lr-gamma", type=number, default=gamma, help="learning-rate factor at each milestone")
     add_speed_args(p)
     add_run_args(p, model_dir=model_dir)
 
@@ -103,6 +106,7 @@ def prepare(args: argparse.Namespace) -> Setup:
 
     Under torchrun each process takes its shard of every training batch (--batch-size is the
     global batch) and of the evaluation split."""
+    writable_dir(args.model_dir, "--model-dir")  # before loading anything
     device = prepare_device(args)
     seed_everything(args.seed)
     splits, info = load_splits(args.dataset, args.data_dir, train_limit=args.train_limit,
@@ -146,17 +150,24 @@ def attack_batch(target: nn.Module, x: Tensor, y: Tensor, args, layer: Optional[
     return AdvBatch(x, y, x_adv, n, logits_nat, g_nat, logits_adv, g_adv)
 
 
-def mi_vectors(estimators, b: AdvBatch, mode: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def global_batch(b: AdvBatch) -> AdvBatch:
+    """The whole --batch-size batch under torchrun (each process attacked its shard), so that the
+    MI terms, their negatives and the estimators' BatchNorm see what one process would."""
+    return AdvBatch(*distributed.gather_batch(*b))
+
+
+def mi_vectors(estimators, b: AdvBatch, mode: str, estimate: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(Î_n(x, h(x)), Î_n(x, h(x̃)), Î_a(n, h(x)), Î_a(n, h(x̃))), each (N,) (Eq. 5's four terms).
 
-    Each local net encodes its pattern once; its features are scored against both global inputs."""
+    Each local net encodes its pattern once; its features are scored against both global inputs.
+    ``estimate``: MI values for reporting rather than the training objective (``mi_per_sample``)."""
     e_n, e_a = estimators["natural"], estimators["adversarial"]
     local_x, local_n = e_n.local(b.x), e_a.local(b.n)
     return (
-        mi_per_sample(local_x, e_n.global_(b.g_nat), mode),
-        mi_per_sample(local_x, e_n.global_(b.g_adv), mode),
-        mi_per_sample(local_n, e_a.global_(b.g_nat), mode),
-        mi_per_sample(local_n, e_a.global_(b.g_adv), mode),
+        mi_per_sample(local_x, e_n.global_(b.g_nat), mode, estimate),
+        mi_per_sample(local_x, e_n.global_(b.g_adv), mode, estimate),
+        mi_per_sample(local_n, e_a.global_(b.g_nat), mode, estimate),
+        mi_per_sample(local_n, e_a.global_(b.g_adv), mode, estimate),
     )
 
 
@@ -186,7 +197,7 @@ def evaluate_mi_table(setup: Setup, estimators: nn.ModuleDict, args, progress: b
         for b in _eval_batches(setup, args, progress):
             with torch.no_grad():
                 sel = select_samples(b.logits_nat, b.logits_adv, b.y)
-                table.update(*mi_vectors(estimators, b, args.mi_mode), sel)
+                table.update(*mi_vectors(estimators, b, args.mi_mode, estimate=True), sel)
             counts += _correct(b).cpu()
             total += b.y.shape[0]
     return {**table.all_reduce(setup.device).result(), **_accuracies(counts, total)}
@@ -198,8 +209,8 @@ def evaluate_standard_mi(setup: Setup, estimator: MIEstimator, args, progress: b
     with eval_mode(estimator):
         for b in _eval_batches(setup, args, progress):
             with torch.no_grad():
-                mi_x = estimator.mi(b.x, b.g_nat, args.mi_mode)
-                mi_xadv = estimator.mi(b.x_adv, b.g_adv, args.mi_mode)
+                mi_x = estimator.mi(b.x, b.g_nat, args.mi_mode, estimate=True)
+                mi_xadv = estimator.mi(b.x_adv, b.g_adv, args.mi_mode, estimate=True)
             sums += torch.stack([mi_x.sum(), mi_xadv.sum()]).double().cpu()
             counts += _correct(b).cpu()
             total += b.y.shape[0]
@@ -291,6 +302,8 @@ def fit(args, setup: Setup, estimators: nn.ModuleDict, step: StepFn,
         lr = optimizer.param_groups[0]["lr"]
         stats = train_epoch(estimators, setup.train_loader, step, optimizer, f"epoch {epoch}/{args.epochs}", progress,
                             fast)
+        stats["train_seconds"] = time.time() - began
+        check_finite(stats, epoch)
         scheduler.step()
         stats.update(evaluate())
         metrics = json_safe({"epoch": epoch, "lr": lr, **stats, "seconds": time.time() - began})

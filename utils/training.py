@@ -1,7 +1,9 @@
 """Training plumbing shared by the scripts: devices, seeding, checkpoints, metrics, resume."""
 import contextlib
 import json
+import math
 import os
+import pickle
 import random
 import sys
 import tempfile
@@ -25,18 +27,27 @@ class UserError(Exception):
     """A mistake in the user's input. Scripts print its one-line message and exit with 2."""
 
 
-def run_main(main: Callable[[], None]) -> None:
-    """Run a script's main: user mistakes become one line on stderr and exit status 2."""
+def run_main(main: Callable[[], None],
+             interrupted: str = "interrupted; the last finished epoch is kept, continue with --resume") -> None:
+    """Run a script's main: user mistakes become one line on stderr and exit status 2; Ctrl-C
+    prints ``interrupted`` and exits with 130."""
     from utils.data import DataError  # local: data imports torchvision, which is slow to import
 
     prog = Path(sys.argv[0]).name
+    # Under torchrun every process meets the same mistake: one of them says so.
+    speaks = os.environ.get("RANK", "0") == "0"
     try:
         main()
+        # After main has returned, so no DDP wrapper still holds the process group; not after an
+        # error, where another process may never reach the barrier.
+        distributed.shutdown()
     except (UserError, DataError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        if speaks:
+            print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; the last finished epoch is kept, continue with --resume", file=sys.stderr)
+        if speaks:
+            print(f"{prog}: {interrupted}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -84,21 +95,49 @@ def set_rng_state(state: dict, generator: Optional[torch.Generator] = None) -> N
 
 # --- checkpoints ---
 
-def atomic_save(obj, path) -> None:
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def _atomic_write(path, write: Callable, binary: bool) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes 0600 files: give the permissions any other new file would get.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save`` through a temporary file and a rename."""
+    _atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+
+def writable_dir(path, flag: str) -> Path:
+    """Create ``path`` if needed and make sure files can be written there, before any work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag}: cannot write to {path}: {err.strerror or err}") from None
+    return path
 
 
 def load_checkpoint(path, flag: str):
@@ -108,7 +147,12 @@ def load_checkpoint(path, flag: str):
         raise UserError(f"{flag}: no checkpoint at {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a zip/pickle, or a pickle that would run code
+    except pickle.UnpicklingError as err:
+        # torch's message suggests weights_only=False, which would run whatever the file holds.
+        what = ("it names code to run, refused" if "GLOBAL" in str(err)
+                else "not a PyTorch checkpoint, or a damaged one")
+        raise UserError(f"{flag}: {path} is not a tensor-only PyTorch checkpoint ({what})") from None
+    except Exception as err:  # truncated, or not a zip/pickle at all
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{flag}: {path} is not a readable weights-only checkpoint ({reason[:160]})") from None
 
@@ -285,7 +329,7 @@ class Run:
         self.generator = generator
         self.select_by = select_by
         self.best_score = -float("inf")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        writable_dir(self.dir, "--model-dir")
         self.metrics_path = self.dir / "metrics.jsonl"
         self.last_path = self.dir / "last.pth"
         self.started = time.time()
@@ -294,20 +338,27 @@ class Run:
         return {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
 
     def start(self) -> int:
-        """Write config.json; with --resume load last.pth. Returns the first epoch to run.
+        """With --resume load last.pth; write config.json. Returns the first epoch to run.
 
-        Under torchrun every process loads last.pth; only the first one writes files."""
+        A fresh start refuses a folder that holds a run (unless --overwrite), and a resume
+        refuses changed flags, so that no finished epoch is lost or continued under other
+        settings by mistake. Under torchrun every process loads last.pth; only the first one
+        writes files."""
         main = distributed.context().is_main
-        if main:
-            atomic_write_text(self.dir / "config.json", json.dumps(self.config(), indent=2, sort_keys=True) + "\n")
         if not getattr(self.args, "resume", False):
-            if main and self.metrics_path.exists():
-                self.metrics_path.unlink()
+            if self.last_path.exists() and not getattr(self.args, "overwrite", False):
+                raise UserError(f"--model-dir {self.dir} already holds a run (last.pth): add --resume to continue "
+                                "it, --overwrite to replace it, or choose another --model-dir")
+            if main:
+                if self.metrics_path.exists():
+                    self.metrics_path.unlink()
+                self._write_config()
             distributed.barrier()
             return 1
         ckpt = load_checkpoint(self.last_path, "--resume")
         if not isinstance(ckpt, dict) or "epoch" not in ckpt:
             raise UserError(f"--resume: {self.last_path} is not a last.pth written by this project")
+        self._check_same_flags(ckpt.get("args"))
         for name, obj in self.state.items():
             if name not in ckpt:
                 raise UserError(f"--resume: {self.last_path} has no '{name}' entry")
@@ -321,14 +372,40 @@ class Run:
         set_rng_state(ckpt["rng"], self.generator)
         if main:
             self._truncate_metrics(ckpt["epoch"])
+            self._write_config()
+            if ckpt["epoch"] >= self.args.epochs:
+                print(f"{self.last_path} is at epoch {ckpt['epoch']} of --epochs {self.args.epochs}: nothing to "
+                      "train (raise --epochs to continue)", flush=True)
         distributed.barrier()
         return ckpt["epoch"] + 1
+
+    def _write_config(self) -> None:
+        atomic_write_text(self.dir / "config.json", json.dumps(self.config(), indent=2, sort_keys=True) + "\n")
+
+    def _check_same_flags(self, stored: Optional[dict]) -> None:
+        if not isinstance(stored, dict):
+            return
+        now = self.config()
+        if set(stored) != set(now):
+            raise UserError(f"--resume: {self.last_path} was written by another script or version "
+                            "(its flags differ); choose another --model-dir")
+        changed = [k for k in sorted(now) if k not in RESUME_MAY_CHANGE and stored[k] != now[k]]
+        if changed:
+            flags = ", ".join(f"--{k.replace('_', '-')} {stored[k]!r} (now {now[k]!r})" for k in changed)
+            raise UserError(f"--resume: {self.last_path} was trained with {flags}; resume with the same flags "
+                            "or start another --model-dir")
 
     def _truncate_metrics(self, last_epoch: int) -> None:
         if not self.metrics_path.exists():
             return
-        lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= last_epoch]
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by a crash mid-write: its epoch is redone
+                continue
+            if isinstance(record, dict) and record.get("epoch", 0) <= last_epoch:
+                kept.append(line)
         atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in kept))
 
     def end_epoch(self, epoch: int, metrics: dict, best: Dict[str, nn.Module]) -> dict:
@@ -361,18 +438,18 @@ class Run:
         return record
 
 
+# Flags that do not change what a run computes (or say how long it runs): --resume may change them.
+RESUME_MAY_CHANGE = frozenset({"epochs", "resume", "overwrite", "no_progress", "device", "model_dir", "data_dir",
+                               "save_freq", "workers", "amp", "channels_last", "compile", "no_cudnn_benchmark"})
+
+
 def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def format_metrics(record: dict) -> str:
-    keys = [k for k in ("epoch", "lr", "train_loss", "train_acc", "clean_acc", "pgd_acc", "seconds") if k in record]
+    names = ("epoch", "lr", "train_loss", "train_acc", "clean_acc", "pgd_acc", "train_seconds", "seconds")
+    keys = [k for k in names if k in record]
     return "  ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}" for k in keys)
 
 
@@ -396,6 +473,9 @@ def fit_target(args, model: nn.Module, optimizer, scheduler, run: "Run", train_l
         progress = not getattr(args, "no_progress", False) and distributed.context().is_main
         fast = FastPath.from_args(args)
         stats = train_epoch(model, train_loader, step, optimizer, f"epoch {epoch}/{args.epochs}", progress, fast)
+        # train_epoch reads its metrics back from the device, so the clock has waited for the GPU
+        stats["train_seconds"] = time.time() - began
+        check_finite(stats, epoch)
         scheduler.step()
         stats.update(evaluate(model, eval_loader, args.epsilon, args.step_size, args.eval_steps, args.distance,
                               progress, fast=fast))
@@ -404,6 +484,14 @@ def fit_target(args, model: nn.Module, optimizer, scheduler, run: "Run", train_l
                                best={best_file: model})
         if distributed.context().is_main:
             print(format_metrics(record), flush=True)
+
+
+def check_finite(stats: Dict[str, float], epoch: int) -> None:
+    """Stop a diverged run before its epoch is committed, rather than train on NaN to the end."""
+    loss = stats.get("train_loss")
+    if loss is not None and not math.isfinite(loss):
+        raise UserError(f"training diverged in epoch {epoch} (train_loss {loss}); last.pth keeps epoch {epoch - 1}: "
+                        "lower --lr (or --alpha, --lr-mi)")
 
 
 def prepare_device(args) -> torch.device:
@@ -467,10 +555,13 @@ def setup_target_training(args):
     from models import get_model
     from utils.data import load_splits
 
+    writable_dir(args.model_dir, "--model-dir")  # before loading anything
     device = prepare_device(args)
     seed_everything(args.seed)
     splits, info = load_splits(args.dataset, args.data_dir, train_limit=args.train_limit,
                                test_limit=args.test_limit, val_size=args.val_size, seed=args.seed)
+    # The default hold-out depends on the training split's size: config.json records the count.
+    args.val_size = 0 if splits["val"] is None else len(splits["val"])
     net = get_model(args.arch, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
     model = speed_up(net, args)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
