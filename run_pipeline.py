@@ -95,10 +95,25 @@ def route(extra: List[str], module) -> List[str]:
 
 
 def check_overrides(extra: List[str], modules) -> None:
+    after_flag = False
     for token in extra:
         flag = token.split("=", 1)[0]
-        if token.startswith("--") and not any(flag in m.build_parser()._option_string_actions for m in modules):
-            raise UserError(f"{flag}: no stage of the pipeline knows this flag")
+        if token.startswith("--"):
+            if not any(flag in m.build_parser()._option_string_actions for m in modules):
+                raise UserError(f"{flag}: no stage of the pipeline knows this flag")
+            after_flag = "=" not in token
+            continue
+        if not after_flag or (token.startswith("-") and not _is_number(token)):
+            raise UserError(f"{token!r}: not a flag of any stage, nor the value of one (flags start with --)")
+        # a value; a flag taking several values (--lr-milestones 75 90) keeps after_flag on
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class Pipeline:

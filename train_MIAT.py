@@ -23,6 +23,7 @@ from utils.cli import (
     finish_attack_args,
     finish_estimator_args,
     number,
+    warn_without_adversarial_epoch,
 )
 from utils.estimators import (
     build_estimators,
@@ -81,6 +82,7 @@ def parse_args(argv=None):
     check_positive(p, args, "epochs", "batch_size", "lr", "lr_gamma")
     check_non_negative(p, args, "alpha", "lam", "beta", "momentum", "weight_decay", "warm_up_epochs",
                        "epsilon_ramp_epochs", "save_freq", "val_size")
+    warn_without_adversarial_epoch(args)
     if args.no_adv_mi and args.no_nat_mi:
         p.error("--no-adv-mi and --no-nat-mi together leave no MI term; train with train_standard.py instead")
     explicit = [args.pre_local_n, args.pre_global_n, args.pre_local_a, args.pre_global_a]

@@ -17,6 +17,7 @@ from utils.cli import (
     check_positive,
     finish_attack_args,
     number,
+    warn_without_adversarial_epoch,
 )
 from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS, adversarial_loss, needs_natural_logits
 from utils.training import Run, fit_target, run_main, setup_target_training
@@ -44,6 +45,7 @@ def parse_args(argv=None):
     check_positive(p, args, "epochs", "batch_size", "lr", "lr_gamma")
     check_non_negative(p, args, "beta", "momentum", "weight_decay", "warm_up_epochs", "epsilon_ramp_epochs",
                        "save_freq", "val_size")
+    warn_without_adversarial_epoch(args)
     return args
 
 

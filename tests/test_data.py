@@ -457,6 +457,18 @@ def test_missing_torchvision_dataset_names_expected_path(tmp_path, monkeypatch, 
     assert socket.getdefaulttimeout() == before
 
 
+def test_corrupt_cifar_folder_is_not_called_missing(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", _fail_download)
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_text("garbage")
+    with pytest.raises(DataError) as exc:
+        load_splits("cifar10", tmp_path)
+    message = str(exc.value)
+    assert "exists but cannot be read" in message and "not found" not in message.split("(")[0]
+
+
 # ---------------------------------------------------------------- Tiny-ImageNet
 
 

@@ -1,6 +1,8 @@
 """run_pipeline.py: the demo preset end to end on tiny synthetic data, skipping and resuming."""
 import json
 
+import pytest
+
 from tests.helpers import assert_user_error, run_script
 
 TINY = ["--preset", "demo", "--method", "namid", "--dataset", "synthetic", "--train-limit", "64",
@@ -51,6 +53,18 @@ def test_interrupted_stage_resumes(tmp_path, capsys):
 def test_unknown_override_is_one_line(tmp_path, capsys):
     result = run_script(capsys, "run_pipeline", ["--preset", "demo", "--no-such-flag", "3", "--out-dir", tmp_path])
     assert_user_error(result, "--no-such-flag")
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["-epochs", "1"], "-epochs"),  # one dash
+    (["stray"], "stray"),
+    (["--eval-args", "--attacks pgdd"], "pgdd"),  # refused before any training
+    (["--stage1-args=--resume"], "--resume"),
+    (["--stage1-args", "--lr '0.1"], "--stage1-args"),
+])
+def test_bad_pipeline_flags_are_one_line_before_any_work(tmp_path, capsys, argv, fragment):
+    assert_user_error(run_script(capsys, "run_pipeline", ["--preset", "demo", "--out-dir", tmp_path, *argv]), fragment)
+    assert not (tmp_path / "standard").exists()
 
 
 def test_every_preset_gives_stage_2_and_stage_3_the_same_estimator_shape(tmp_path):

@@ -235,3 +235,12 @@ def test_subprocess_error_has_no_traceback(tmp_path):
                           cwd=root, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_warm_up_covering_every_epoch_is_flagged(capsys):
+    import train_standard
+
+    train_standard.parse_args(["--epochs", "2", "--warm-up-epochs", "2"])
+    assert "no adversarial training" in capsys.readouterr().err
+    train_standard.parse_args(["--epochs", "3", "--warm-up-epochs", "2"])
+    assert capsys.readouterr().err == ""

@@ -133,6 +133,14 @@ def finish_attack_args(p: Parser, args: argparse.Namespace) -> argparse.Namespac
     return args
 
 
+def warn_without_adversarial_epoch(args: argparse.Namespace) -> None:
+    """Clean warm-up epochs that fill the whole run leave nothing adversarial: say so (a short
+    smoke test may want exactly that, so it is not an error)."""
+    if args.warm_up_epochs >= args.epochs:
+        print(f"warning: --warm-up-epochs {args.warm_up_epochs} covers all --epochs {args.epochs}: "
+              "no adversarial training will run", file=sys.stderr)
+
+
 def check_positive(p: Parser, args: argparse.Namespace, *flags: str) -> None:
     for flag in flags:
         value = getattr(args, flag)

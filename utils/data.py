@@ -209,8 +209,8 @@ def _torchvision_pair(title: str, root: Path, expected: str, make):
     """``make(train, download)`` -> a dataset; (train, test), downloaded only when the files are missing."""
     try:
         return make(True, False), make(False, False)
-    except (RuntimeError, OSError):
-        pass
+    except (RuntimeError, OSError) as exc:
+        local = exc
     old = socket.getdefaulttimeout()
     # Without a timeout an offline machine can hang on the connection for minutes.
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
@@ -218,7 +218,11 @@ def _torchvision_pair(title: str, root: Path, expected: str, make):
         return make(True, True), make(False, True)
     except Exception as exc:
         reason = _short(exc)
-        message = f"{title} not found under {root} (expected {expected}); download failed: {reason}"
+        if Path(expected).exists():
+            message = (f"{title}: {expected} exists but cannot be read, or fails its checksum ({_short(local, 80)}); "
+                       f"replace it with a fresh copy (download failed: {reason})")
+        else:
+            message = f"{title} not found under {root} (expected {expected}); download failed: {reason}"
         raise DataError(message) from None
     finally:
         socket.setdefaulttimeout(old)
