@@ -9,6 +9,7 @@ grayscale) and int64 labels. ``--dataset npy --data-dir <out>`` then reads them 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 # The script lives in data/, outside any package; make the repository's utils importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.data import DATASETS, DataError, Split, load_splits  # noqa: E402
+from utils.data import DATASETS, NPY_INFO, DataError, DatasetInfo, Split, load_splits  # noqa: E402
 
 
 def split_arrays(split: Split):
@@ -28,11 +29,20 @@ def split_arrays(split: Split):
     return images, split.labels.cpu().numpy().astype(np.int64)
 
 
-def write_npy(splits: Dict[str, Split], out_dir) -> List[Path]:
-    """Save the train and test splits as the release's four .npy files; returns their paths."""
+def write_npy(splits: Dict[str, Split], out_dir, info: Optional[DatasetInfo] = None) -> List[Path]:
+    """Save the train and test splits as the release's four .npy files; returns their paths.
+
+    With ``info``, also info.json: the source dataset's class count, crop padding and flip,
+    which the arrays alone cannot tell (``--dataset npy`` reads it back)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    if info is not None:
+        settings = {"source": info.name, "num_classes": info.num_classes, "crop_padding": info.crop_padding,
+                    "flip": info.flip}
+        tmp = out / f".{NPY_INFO}.tmp"
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+        os.replace(tmp, out / NPY_INFO)
     for part in ("train", "test"):
         for kind, array in zip(("images", "labels"), split_arrays(splits[part])):
             path = out / f"{part}_{kind}.npy"
@@ -65,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         limits = {"train_limit": args.train_limit, "test_limit": args.test_limit}
         splits, info = load_splits(args.dataset, args.data_dir, seed=args.seed, synthetic_size=args.synthetic_size,
                                    **limits)
-        paths = write_npy(splits, args.out)
+        paths = write_npy(splits, args.out, info)
     except (DataError, OSError, ValueError) as exc:
         message = " ".join(str(exc).split())
         print(f"{parser.prog}: error: {message}", file=sys.stderr)

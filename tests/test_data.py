@@ -95,8 +95,8 @@ def test_synthetic_is_learnable_by_nearest_class_mean():
 def test_names_and_static_info():
     assert D.canonical_name("Fashion_MNIST") == "fashion-mnist"
     assert dataset_info("cifar10") == DatasetInfo("cifar10", 10, 3, 32, 4, True)
-    tiny = dataset_info("tiny_imagenet")
-    assert (tiny.num_classes, tiny.in_channels, tiny.image_size, tiny.crop_padding) == (200, 3, 64, 8)
+    tiny = dataset_info("tiny_imagenet")  # crop padding 4 px: PAPER.md §7
+    assert (tiny.num_classes, tiny.in_channels, tiny.image_size, tiny.crop_padding) == (200, 3, 64, 4)
     assert not dataset_info("svhn").flip and not dataset_info("mnist").flip
     assert dataset_info("fashion-mnist").in_channels == 1
     with pytest.raises(DataError, match="cifar10, cifar100, svhn"):
@@ -314,6 +314,18 @@ def test_npy_round_trip(tmp_path):
         assert torch.equal(loaded[part].labels, splits[part].labels)
 
 
+def test_npy_keeps_the_source_settings_in_info_json(tmp_path):
+    """A digits subset: no flips, and 10 classes even if the top one is not in the subset."""
+    splits, _ = synthetic()  # labels 0..3
+    digits = DatasetInfo("mnist", 10, 3, 16, 4, False)
+    make_npy.write_npy(splits, tmp_path, digits)
+    _, info = load_splits("npy", tmp_path)
+    assert (info.num_classes, info.crop_padding, info.flip) == (10, 4, False) and info == dataset_info("npy", tmp_path)
+    (tmp_path / D.NPY_INFO).write_text('{"num_classes": 2}')  # fewer than the labels need
+    with pytest.raises(DataError, match="labels go up to 3"):
+        load_splits("npy", tmp_path)
+
+
 def test_npy_accepts_grayscale_nhw(tmp_path):
     rng = np.random.default_rng(0)
     for part, n in (("train", 8), ("test", 4)):
@@ -506,7 +518,7 @@ def test_tiny_imagenet_folder(tmp_path):
         assert torch.allclose(means, torch.tensor([40.0, 50.0, 200.0]), atol=2)
         assert torch.equal(train.images[1, 0], train.images[1, 2])  # grayscale became RGB
         assert torch.allclose(test.images.float().mean((1, 2, 3)), torch.tensor([210.0, 30.0, 220.0]), atol=2)
-        assert (info.num_classes, info.image_size, info.crop_padding) == (200, 64, 8)
+        assert (info.num_classes, info.image_size, info.crop_padding) == (200, 64, 4)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -8,6 +8,7 @@ ops, and hands out float32 images in [0, 1] (the paper uses no normalisation lay
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import socket
 import struct
@@ -55,7 +56,7 @@ _STATIC_INFO = {
     "svhn": DatasetInfo("svhn", 10, 3, 32, 4, False),
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, 4, True),
     "mnist": DatasetInfo("mnist", 10, 1, 28, 4, False),
-    "tiny-imagenet": DatasetInfo("tiny-imagenet", 200, 3, 64, 8, True),
+    "tiny-imagenet": DatasetInfo("tiny-imagenet", 200, 3, 64, 4, True),
 }
 
 
@@ -98,8 +99,9 @@ def canonical_name(name: str) -> str:
 
 
 def default_crop_padding(image_size: int) -> int:
-    """An eighth of the side: 4 px for 28-32 px images, 8 px for 64 px."""
-    return max(1, round(image_size / 8))
+    """4 px, as PAPER.md §7 for CIFAR-10 and Tiny-ImageNet alike; an eighth of the side for
+    images under 28 px (synthetic test data)."""
+    return 4 if image_size >= 28 else max(1, round(image_size / 8))
 
 
 def dataset_info(name: str, data_dir=None) -> DatasetInfo:
@@ -112,8 +114,8 @@ def dataset_info(name: str, data_dir=None) -> DatasetInfo:
         return _STATIC_INFO[name]
     if name == "synthetic":
         return _synthetic_info((3, 32, 32), 10)
-    arrays = _read_npy(_existing_dir(data_dir, name), mmap=True)
-    return _npy_info(*arrays)
+    root = _existing_dir(data_dir, name)
+    return _npy_info(root, *_read_npy(root, mmap=True))
 
 
 def load_splits(
@@ -140,7 +142,7 @@ def load_splits(
         root = _existing_dir(data_dir, name)
         if name == "npy":
             arrays = _read_npy(root, mmap=False)
-            info = _npy_info(*arrays)
+            info = _npy_info(root, *arrays)
             train, test = _npy_splits(*arrays)
         else:
             train, test = _LOADERS[name](root)
@@ -205,10 +207,13 @@ def _short(exc: BaseException, limit: int = 160) -> str:
 # ---------------------------------------------------------------- torchvision datasets
 
 
-def _torchvision_pair(title: str, root: Path, expected: str, make):
+def _torchvision_pair(title: str, root: Path, expected: Sequence, make):
     """``make(train, download)`` -> a dataset; (train, test), downloaded only when the files are missing."""
     try:
         return make(True, False), make(False, False)
+    except ImportError as exc:  # SVHN's .mat files need scipy
+        raise DataError(f"{title} needs the {exc.name or 'missing'} package: pip install {exc.name or 'scipy'}") \
+            from None
     except (RuntimeError, OSError) as exc:
         local = exc
     old = socket.getdefaulttimeout()
@@ -218,11 +223,12 @@ def _torchvision_pair(title: str, root: Path, expected: str, make):
         return make(True, True), make(False, True)
     except Exception as exc:
         reason = _short(exc)
-        if Path(expected).exists():
-            message = (f"{title}: {expected} exists but cannot be read, or fails its checksum ({_short(local, 80)}); "
+        where = " and ".join(str(p) for p in expected)
+        if any(Path(p).exists() for p in expected):
+            message = (f"{title}: {where} exists but cannot be read, or fails its checksum ({_short(local, 80)}); "
                        f"replace it with a fresh copy (download failed: {reason})")
         else:
-            message = f"{title} not found under {root} (expected {expected}); download failed: {reason}"
+            message = f"{title} not found under {root} (expected {where}); download failed: {reason}"
         raise DataError(message) from None
     finally:
         socket.setdefaulttimeout(old)
@@ -239,8 +245,7 @@ def _load_cifar(root: Path, hundred: bool) -> Tuple[Split, Split]:
         cls, title, folder = datasets.CIFAR100, "CIFAR-100", "cifar-100-python"
     else:
         cls, title, folder = datasets.CIFAR10, "CIFAR-10", "cifar-10-batches-py"
-    expected = str(root / folder)
-    pair = _torchvision_pair(title, root, expected, lambda train, dl: cls(str(root), train, download=dl))
+    pair = _torchvision_pair(title, root, [root / folder], lambda train, dl: cls(str(root), train, download=dl))
     # torchvision keeps CIFAR as one NHWC uint8 array; no per-image conversion needed.
     return tuple(
         Split(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), _labels(d.targets)) for d in pair
@@ -253,7 +258,7 @@ def _load_svhn(root: Path) -> Tuple[Split, Split]:
     pair = _torchvision_pair(
         "SVHN",
         root,
-        f"{root / 'train_32x32.mat'} and {root / 'test_32x32.mat'}",
+        [root / "train_32x32.mat", root / "test_32x32.mat"],
         lambda train, dl: datasets.SVHN(str(root), "train" if train else "test", download=dl),
     )
     return tuple(Split(torch.from_numpy(np.ascontiguousarray(ds.data)), _labels(ds.labels)) for ds in pair)
@@ -311,7 +316,8 @@ def _load_mnist_like(root: Path, fashion: bool) -> Tuple[Split, Split]:
     # The folder names are torchvision's (its class names), so a torchvision download is found too.
     title, folder = ("Fashion-MNIST", "FashionMNIST") if fashion else ("MNIST", "MNIST")
     raw = root / folder / "raw"
-    dirs = [root, raw] + ([DEBIAN_FASHION_DIR] if fashion else [])
+    # The dataset's own folder first: MNIST and Fashion-MNIST files have the same names.
+    dirs = [raw, root] + ([DEBIAN_FASHION_DIR] if fashion else [])
     files = find_idx_dir(dirs)
     if files is not None:
         return _idx_split(files, "train"), _idx_split(files, "test")
@@ -321,7 +327,7 @@ def _load_mnist_like(root: Path, fashion: bool) -> Tuple[Split, Split]:
     from torchvision import datasets  # slow to import; only needed to download
 
     cls = getattr(datasets, folder)
-    pair = _torchvision_pair(title, root, expected, lambda train, dl: cls(str(root), train, download=dl))
+    pair = _torchvision_pair(title, root, [expected], lambda train, dl: cls(str(root), train, download=dl))
     return tuple(Split(d.data.to(torch.uint8).unsqueeze(1).contiguous(), _labels(d.targets)) for d in pair)
 
 
@@ -434,11 +440,29 @@ def _read_npy(root: Path, mmap: bool):
     return arrays
 
 
-def _npy_info(train_images, train_labels, test_images, test_labels) -> DatasetInfo:
+NPY_INFO = "info.json"
+
+
+def _npy_info(root: Path, train_images, train_labels, test_images, test_labels) -> DatasetInfo:
+    """Shapes from the arrays; classes, padding and flip from ``info.json`` when make_npy.py wrote
+    one (a subset can miss the top class; digits must not be flipped), else guessed."""
     size, channels = train_images.shape[1], train_images.shape[3]
     top = max(int(labels.max()) if len(labels) else 0 for labels in (train_labels, test_labels))
     # The release's npy files are CIFAR-10, which is flipped.
-    return DatasetInfo("npy", top + 1, channels, size, default_crop_padding(size), True)
+    guess = {"num_classes": top + 1, "crop_padding": default_crop_padding(size), "flip": True}
+    path = root / NPY_INFO
+    if not path.is_file():
+        return DatasetInfo("npy", guess["num_classes"], channels, size, guess["crop_padding"], guess["flip"])
+    try:
+        stored = json.loads(path.read_text())
+        info = DatasetInfo("npy", int(stored.get("num_classes", guess["num_classes"])), channels, size,
+                           int(stored.get("crop_padding", guess["crop_padding"])),
+                           bool(stored.get("flip", guess["flip"])))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise DataError(f"cannot read {path}: {_short(exc)}") from None
+    if info.num_classes <= top:
+        raise DataError(f"{path} says {info.num_classes} classes, but the labels go up to {top}")
+    return info
 
 
 def _npy_splits(train_images, train_labels, test_images, test_labels) -> Tuple[Split, Split]:
