@@ -297,6 +297,54 @@ def test_rank_shards_partition_the_data(n, drop_last):
         assert set(union) == set(range(n)) and len(union) == n + 1  # one sample repeated to even out
 
 
+def test_crop_offsets_cover_the_whole_padded_range():
+    """Every offset 0..2*pad, extremes included, for rows and columns (an off-by-one drops 2*pad)."""
+    pad, side, n = 4, 12, 900
+    split = Split(torch.full((n, 1, side, side), 255, dtype=torch.uint8), torch.zeros(n, dtype=torch.int64))
+    info = DatasetInfo("synthetic", 2, 1, side, pad, False)
+    loader = BatchLoader(split, 300, augment=True, info=info, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([b for b, _ in loader])[:, 0]
+    assert set(x.unique().tolist()) <= {0.0, 1.0}
+    lit_rows, lit_cols = (x > 0).any(2), (x > 0).any(1)  # (n, side): which rows / columns show the image
+    # A crop at offset t of the zero-padded image: pad - t black rows above if t < pad, t - pad below if t > pad.
+    top = pad - lit_rows.float().argmax(1) + (~lit_rows).flip(1).cumprod(1).sum(1)
+    left = pad - lit_cols.float().argmax(1) + (~lit_cols).flip(1).cumprod(1).sum(1)
+    for offsets, lit in ((top, lit_rows), (left, lit_cols)):
+        assert torch.equal(lit.sum(1), side - (offsets - pad).abs())  # one contiguous band of the image
+        counts = torch.bincount(offsets, minlength=2 * pad + 1)
+        assert len(counts) == 2 * pad + 1  # no offset beyond 2*pad
+        assert counts.min() >= n // (2 * pad + 1) // 2  # each of the 9 offsets, roughly uniformly
+    # Inside the lit rectangle every pixel is the image's; everything else is padding.
+    expected = lit_rows[:, :, None] & lit_cols[:, None, :]
+    assert torch.equal(x > 0, expected)
+
+
+def test_rank_shards_with_augmentation_interleave_the_single_process_batches():
+    """BatchLoader promises: ranks sharing a seed take every world_size-th position of one
+    permutation, and augmentation is drawn for every position whatever the rank. So rank r's
+    batch of 2 is positions r and r + 4 of the single-process batch of 8, crops and flips included."""
+    splits, info = synthetic(synthetic_size=(16, 4))
+    train = splits["train"]
+
+    def passes(batch_size, **kw):
+        g = torch.Generator().manual_seed(11)
+        loader = BatchLoader(train, batch_size, shuffle=True, augment=True, info=info, generator=g, **kw)
+        return [_epoch(loader) for _ in range(2)], g.get_state()
+
+    single, state = passes(8)
+    # Same seed, no augmentation: the same permutation (drawn first), so this shows the crops and flips act.
+    plain = _epoch(BatchLoader(train, 8, shuffle=True, generator=torch.Generator().manual_seed(11)))
+    assert all(torch.equal(y, py) and not torch.equal(x, px) for (x, y), (px, py) in zip(single[0], plain))
+    for rank in range(4):
+        shard, rank_state = passes(2, rank=rank, world_size=4)
+        assert torch.equal(rank_state, state)  # all ranks advance the generator alike
+        for epoch, rank_epoch in zip(single, shard):
+            assert len(rank_epoch) == len(epoch) == 2
+            for (x, y), (rx, ry) in zip(epoch, rank_epoch):
+                assert torch.equal(rx, x[rank::4]) and torch.equal(ry, y[rank::4])
+    assert not _same(single[0], single[1])  # the second pass draws afresh
+
+
 # ---------------------------------------------------------------- the release's .npy files
 
 
@@ -479,6 +527,80 @@ def test_corrupt_cifar_folder_is_not_called_missing(tmp_path, monkeypatch):
         load_splits("cifar10", tmp_path)
     message = str(exc.value)
     assert "exists but cannot be read" in message and "not found" not in message.split("(")[0]
+
+
+def _no_checksums(monkeypatch, module_name, cls_name):
+    """Let torchvision read the fake files: existence instead of the real MD5s; never download."""
+    import importlib
+    import os
+
+    import torchvision.datasets
+
+    module = importlib.import_module(f"torchvision.datasets.{module_name}")
+    monkeypatch.setattr(module, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    monkeypatch.setattr(getattr(torchvision.datasets, cls_name), "download", _fail_download)
+
+
+def _fake_cifar10(root: Path, per_batch: int = 3, n_test: int = 4):
+    """CIFAR-10 python batches: uint8 rows of 3072 = R, G, B planes, each 32x32 row-major."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    written = {}
+    parts = (("train", [f"data_batch_{i}" for i in range(1, 6)], per_batch), ("test", ["test_batch"], n_test))
+    for part, names, n in parts:
+        rows, labels = [], []
+        for name in names:
+            data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+            batch_labels = rng.integers(0, 10, n).tolist()
+            with open(folder / name, "wb") as f:
+                pickle.dump({"data": data, "labels": batch_labels, "batch_label": name}, f)
+            rows.append(data)
+            labels += batch_labels
+        written[part] = (np.concatenate(rows), labels)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}, f)
+    return written
+
+
+def test_cifar10_loader_reads_python_batches(tmp_path, monkeypatch):
+    _no_checksums(monkeypatch, "cifar", "CIFAR10")
+    written = _fake_cifar10(tmp_path)
+    splits, info = load_splits("cifar10", tmp_path)
+    assert info == DatasetInfo("cifar10", 10, 3, 32, 4, True) and splits["val"] is None
+    for part, n in (("train", 15), ("test", 4)):
+        rows, labels = written[part]
+        images = splits[part].images
+        assert images.shape == (n, 3, 32, 32) and images.dtype == torch.uint8 and images.is_contiguous()
+        assert splits[part].labels.tolist() == labels and splits[part].labels.dtype == torch.int64
+        # Pixel (c, h, w) of image i is byte c * 1024 + h * 32 + w of its row.
+        for i, c, h, w in ((0, 0, 0, 1), (n - 1, 2, 31, 0), (n // 2, 1, 5, 17), (1, 2, 17, 5), (2, 0, 30, 2)):
+            assert int(images[i, c, h, w]) == int(rows[i, c * 1024 + h * 32 + w]), (part, i, c, h, w)
+        assert torch.equal(images.reshape(n, 3072), torch.from_numpy(rows))
+
+
+def test_svhn_loader_reads_mat_files(tmp_path, monkeypatch):
+    sio = pytest.importorskip("scipy.io")
+    _no_checksums(monkeypatch, "svhn", "SVHN")
+    rng = np.random.default_rng(1)
+    written = {}
+    for part, labels in (("train", [10, 1, 2, 10, 9]), ("test", [3, 10, 4])):
+        n = len(labels)
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)  # the .mat layout: H x W x C x N
+        sio.savemat(str(tmp_path / f"{part}_32x32.mat"), {"X": x, "y": np.array(labels, dtype=np.uint8)[:, None]})
+        written[part] = (x, labels)
+    splits, info = load_splits("svhn", tmp_path)
+    assert info == DatasetInfo("svhn", 10, 3, 32, 4, False)
+    for part in ("train", "test"):
+        x, labels = written[part]
+        images = splits[part].images
+        assert images.shape == (len(labels), 3, 32, 32) and images.dtype == torch.uint8
+        assert splits[part].labels.tolist() == [0 if v == 10 else v for v in labels]  # "10" is the digit 0
+        for i, c, h, w in ((0, 0, 0, 1), (1, 2, 31, 0), (2, 1, 5, 17), (2, 1, 17, 5)):
+            assert int(images[i, c, h, w]) == int(x[h, w, c, i]), (part, i, c, h, w)
+        assert torch.equal(images, torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1))))
 
 
 # ---------------------------------------------------------------- Tiny-ImageNet

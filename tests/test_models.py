@@ -115,3 +115,151 @@ def test_smallcnn_variants():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in without.modules())
     # TRADES starts from a zero last layer, so every class scores 0 at initialisation.
     assert torch.count_nonzero(without(torch.rand(2, 1, 28, 28))) == 0
+
+
+# ---------------------------------------------------------------- ResNet stem and parameter counts
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_resnet_stem_is_cifar_style(name):
+    """PAPER.md §7: the release's ResNet-18 had conv1 padding 0; ours uses the usual 3x3/1/1 stem."""
+    model = get_model(name, 10, 3)
+    conv1 = model.conv1
+    assert isinstance(conv1, torch.nn.Conv2d)
+    assert conv1.kernel_size == (3, 3) and conv1.stride == (1, 1) and conv1.padding == (1, 1)
+    assert (conv1.in_channels, conv1.out_channels) == (3, 64)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+
+
+def _conv(c_in, c_out, k, bias=False):
+    return c_in * c_out * k * k + (c_out if bias else 0)
+
+
+def _bn(c):
+    return 2 * c  # weight and bias (running stats are buffers, not parameters)
+
+
+def _fc(c_in, c_out):
+    return c_in * c_out + c_out
+
+
+def _resnet18_params(classes, c_in):
+    """CIFAR ResNet-18: 3x3 stem, 4 stages of 2 BasicBlocks, 1x1 projection where the shape changes."""
+    total = _conv(c_in, 64, 3) + _bn(64)
+    planes_in = 64
+    for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for s in (stride, 1):
+            total += _conv(planes_in, planes, 3) + _bn(planes) + _conv(planes, planes, 3) + _bn(planes)
+            if s != 1 or planes_in != planes:
+                total += _conv(planes_in, planes, 1) + _bn(planes)
+            planes_in = planes
+    return total + _fc(512, classes)
+
+
+def _wrn_34_10_params(classes, c_in):
+    """Pre-activation WRN-34-10 (TRADES): 3 groups of 5 blocks, widths 160/320/640, bias-free convs."""
+    total = _conv(c_in, 16, 3)
+    planes_in = 16
+    for width, stride in ((160, 1), (320, 2), (640, 2)):
+        for i in range(5):
+            s = stride if i == 0 else 1
+            total += _bn(planes_in) + _conv(planes_in, width, 3) + _bn(width) + _conv(width, width, 3)
+            if s != 1 or planes_in != width:
+                total += _conv(planes_in, width, 1)
+            planes_in = width
+    return total + _bn(640) + _fc(640, classes)
+
+
+def _vgg19_params(classes, c_in):
+    """VGG-19 with BN: 16 3x3 convs (with bias), one linear layer on the pooled 512 features."""
+    total, prev = 0, c_in
+    for width in [64] * 2 + [128] * 2 + [256] * 4 + [512] * 8:
+        total += _conv(prev, width, 3, bias=True) + _bn(width)
+        prev = width
+    return total + _fc(512, classes)
+
+
+def _smallcnn_nobn_params(classes, c_in):
+    """TRADES SmallCNN: convs 32-32-64-64 (3x3, bias), FC 1024-200-200-classes."""
+    convs = _conv(c_in, 32, 3, True) + _conv(32, 32, 3, True) + _conv(32, 64, 3, True) + _conv(64, 64, 3, True)
+    return convs + _fc(64 * 4 * 4, 200) + _fc(200, 200) + _fc(200, classes)
+
+
+@pytest.mark.parametrize(
+    "name,in_channels,formula,expected",
+    [
+        ("resnet18", 3, _resnet18_params, 11_173_962),  # the well-known CIFAR ResNet-18 count
+        ("wrn-34-10", 3, _wrn_34_10_params, 46_160_474),  # TRADES' WRN-34-10 (46.16M)
+        ("vgg19", 3, _vgg19_params, 20_040_522),
+        ("smallcnn-nobn", 1, _smallcnn_nobn_params, 312_202),
+    ],
+)
+def test_parameter_counts(name, in_channels, formula, expected):
+    assert formula(10, in_channels) == expected  # the pinned number follows from the architecture
+    model = get_model(name, 10, in_channels)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+class _RefBasicBlock(torch.nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.a = torch.nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.a_bn = torch.nn.BatchNorm2d(c_out)
+        self.b = torch.nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.b_bn = torch.nn.BatchNorm2d(c_out)
+        self.proj = None
+        if stride != 1 or c_in != c_out:
+            self.proj = torch.nn.Sequential(
+                torch.nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False), torch.nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x):
+        y = self.b_bn(self.b(torch.relu(self.a_bn(self.a(x)))))
+        return torch.relu(y + (x if self.proj is None else self.proj(x)))
+
+
+class _RefResNet18(torch.nn.Module):
+    """A hand-written CIFAR ResNet-18 (He et al. 2016, 3x3 stem, no max-pool), for comparison."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.stem_bn = torch.nn.BatchNorm2d(64)
+        spec = [(64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1),
+                (128, 256, 2), (256, 256, 1), (256, 512, 2), (512, 512, 1)]
+        self.blocks = torch.nn.ModuleList(_RefBasicBlock(*s) for s in spec)
+        self.head = torch.nn.Linear(512, classes)
+
+    def forward(self, x):
+        out = torch.relu(self.stem_bn(self.stem(x)))
+        feats = []
+        for block in self.blocks:
+            out = block(out)
+            feats.append(out)
+        return self.head(out.mean((2, 3))), feats[5], feats[7]
+
+
+def test_resnet18_matches_hand_written_reference():
+    model = get_model("resnet18", 10, 3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+                m.momentum = 1.0  # running stats = the statistics of the next training batch
+        model.train()(torch.rand(8, 3, 32, 32, generator=g))  # realistic scales for eval mode
+    ref = _RefResNet18()
+    theirs = list(model.state_dict().values())
+    keys = list(ref.state_dict().keys())
+    assert len(theirs) == len(keys)
+    assert [tuple(t.shape) for t in theirs] == [tuple(t.shape) for t in ref.state_dict().values()]
+    ref.load_state_dict(dict(zip(keys, theirs)))
+    x = torch.rand(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        logits, feats = model.eval()(x, return_features=True)
+        ref_logits, ref3, ref4 = ref.eval()(x)
+    assert ref_logits.abs().max() > 1e-3  # not a degenerate comparison
+    torch.testing.assert_close(feats["layer3"], ref3, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(feats["layer4"], ref4, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
