@@ -109,3 +109,61 @@ def test_build_estimator_and_mi():
 
     internal = build_estimator(3, 10, hidden=32, internal="layer4", feature_shape=(512, 4, 4))
     assert internal.mi(x, torch.randn(5, 512, 4, 4)).shape == (5,)
+
+
+# The release's file names (PAPER.md, README): _n holds E_n (natural), _a holds E_a (adversarial).
+RELEASE_FILES = {
+    ("natural", "local"): "local_n_model.pth",
+    ("natural", "global"): "global_n_model.pth",
+    ("adversarial", "local"): "local_a_model.pth",
+    ("adversarial", "global"): "global_a_model.pth",
+}
+
+
+def _distinct_estimators(seed):
+    torch.manual_seed(seed)
+    return {kind: build_estimator(3, 10, hidden=16) for kind in ("natural", "adversarial")}
+
+
+def part(est, name):
+    return est.local if name == "local" else est.global_
+
+
+def _differ(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return any(not torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _assert_same_weights(module, state):
+    own = module.state_dict()
+    assert own.keys() == state.keys()
+    for key, value in own.items():
+        assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["mi_dir", "release_flags"])
+def test_save_and_load_keep_each_estimator_in_its_own_files(tmp_path, explicit):
+    """E_n and E_a have the same shapes, so a swap on load would go unnoticed by shape checks."""
+    from utils.estimators import load_estimators, save_estimators
+
+    saved = _distinct_estimators(1)
+    for name in ("local", "global"):
+        assert _differ(part(saved["natural"], name), part(saved["adversarial"], name)), name
+    save_estimators(saved, tmp_path)
+
+    # Each file holds exactly its own module.
+    for (kind, name), filename in RELEASE_FILES.items():
+        _assert_same_weights(part(saved[kind], name), torch.load(tmp_path / filename, weights_only=True))
+
+    loaded = _distinct_estimators(2)
+    if explicit:
+        # Point each key at a renamed copy, so the names inside the folder cannot help.
+        paths = {}
+        for i, (key, filename) in enumerate(RELEASE_FILES.items()):
+            paths[key] = tmp_path / f"copy{i}.pth"
+            paths[key].write_bytes((tmp_path / filename).read_bytes())
+        load_estimators(loaded, None, paths)
+    else:
+        load_estimators(loaded, tmp_path)
+    for kind, name in RELEASE_FILES:
+        _assert_same_weights(part(loaded[kind], name), part(saved[kind], name).state_dict())

@@ -159,6 +159,89 @@ def test_each_ablation_removes_exactly_its_terms():
     assert torch.allclose(total[0], full["l_adv"] + 5.0 * (full["cos_nat"] + full["cos_adv"] + full["lam_term"]))
 
 
+def _reference_l_adv(kind, logits_nat, logits_adv, y, beta):
+    from utils import losses
+
+    if kind == "trades":
+        return losses.trades_loss(logits_nat, logits_adv, y, beta)
+    if kind == "mart":
+        return losses.mart_loss(logits_nat, logits_adv, y, beta)
+    return torch.nn.functional.cross_entropy(logits_adv, y)
+
+
+@pytest.mark.parametrize("kind", ["ce", "trades", "mart"])
+def test_adv_loss_flag_picks_l_adv(kind):
+    model, est_n, est_a, x, y = setup()
+    x_adv = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    model.eval()  # the same logits here and inside the objective
+    with torch.no_grad():
+        logits_nat, logits_adv = model(x), model(x_adv)
+    expected = _reference_l_adv(kind, logits_nat, logits_adv, y, beta=3.0)
+    if kind != "ce":  # the losses differ on this batch, so the comparison tells them apart
+        assert not torch.allclose(expected, _reference_l_adv("ce", logits_nat, logits_adv, y, 3.0))
+    args = objective_args(adv_loss=kind, beta=3.0)
+    extra = train_MIAT.namid_objective(model, est_n, est_a, x, x_adv, y, args)[2]
+    torch.testing.assert_close(extra["l_adv"], expected)
+    std = train_MIAT.freeze(build_estimator(3, 10, HSIZE))
+    extra = train_MIAT.wmim_loss(model, std, x, x_adv, y, args)[2]
+    torch.testing.assert_close(extra["l_adv"], expected)
+
+
+@pytest.mark.parametrize("mode", ["dv", "nce"])
+def test_wmim_loss_is_l_adv_minus_alpha_times_mean_standard_mi(mode):
+    """WMIM maximises Î(x̃; h(x̃)): the MI term enters the loss with a minus sign."""
+    from utils.mi import mi_per_sample
+
+    model, _, _, x, y = setup()
+    std = train_MIAT.freeze(build_estimator(3, 10, HSIZE))
+    x_adv = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    model.eval()
+    with torch.no_grad():
+        logits_adv = model(x_adv)
+        mi = mi_per_sample(std.local(x_adv), std.global_(logits_adv), mode).mean()
+        l_adv = torch.nn.functional.cross_entropy(logits_adv, y)
+    assert mi.abs() > 1e-3  # a sign flip must show
+    loss, logits, extra = train_MIAT.wmim_loss(model, std, x, x_adv, y, objective_args(alpha=2.0, mi_mode=mode))
+    torch.testing.assert_close(extra["standard_mi"], mi)
+    torch.testing.assert_close(loss.detach(), l_adv - 2.0 * mi)
+    torch.testing.assert_close(logits.detach(), logits_adv)
+
+
+def _spy_on_pgd(monkeypatch, module):
+    """Record the named arguments of every attack that ``module`` (a training script) crafts."""
+    import inspect
+
+    real = module.pgd
+    calls = []
+
+    def spy(*a, **k):
+        bound = inspect.signature(real).bind(*a, **k)
+        bound.apply_defaults()
+        calls.append({name: v for name, v in bound.arguments.items() if name not in ("model", "x", "y")})
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, "pgd", spy)
+    return calls
+
+
+# How each defense crafts its training examples, as in the TRADES and MART reference code: TRADES ascends
+# the KL divergence from a 0.001·N(0, I) start; Standard AT and MART ascend the cross-entropy from a
+# uniform start in the ε-ball.
+EXPECTED_ATTACK = {"ce": ("ce", "uniform"), "trades": ("kl", "normal"), "mart": ("ce", "uniform")}
+
+
+@pytest.mark.parametrize("kind", ["trades", "mart"])
+def test_adv_loss_flag_picks_the_training_attack(kind, mi_dir, tmp_path, capsys, monkeypatch):
+    calls = _spy_on_pgd(monkeypatch, train_MIAT)
+    argv = [*BASE, "--adv-loss", kind, "--mi-dir", mi_dir, "--model-dir", tmp_path]
+    code, _, err = run_script(capsys, "train_MIAT", argv)
+    assert code == 0, err
+    assert len(calls) == 2  # two training batches; the per-epoch evaluation attacks through another name
+    for call in calls:
+        assert (call["loss"], call["random_start"]) == EXPECTED_ATTACK[kind]
+        assert call["epsilon"] == pytest.approx(0.1) and call["num_steps"] == 2
+
+
 VARIANTS = {
     "namid": [],
     "namid-t": ["--adv-loss", "trades"],
@@ -188,13 +271,56 @@ def test_short_run_of_every_variant_writes_its_files(variant, mi_dir, tmp_path, 
     torch.load(out / "target_model.pth", weights_only=True)
 
 
-def test_release_flags_load_the_four_files(mi_dir, tmp_path, capsys):
+def _weights_equal(module, path):
+    state = torch.load(path, weights_only=True)
+    own = module.state_dict()
+    return own.keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in own.items())
+
+
+def _spy_on_estimators(monkeypatch):
+    """Record the (E_n, E_a) that each NAMID training step is given."""
+    seen = []
+    real = train_MIAT.namid_objective
+
+    def spy(model, est_n, est_a, *a, **k):
+        seen.append((est_n, est_a))
+        return real(model, est_n, est_a, *a, **k)
+
+    monkeypatch.setattr(train_MIAT, "namid_objective", spy)
+    return seen
+
+
+def test_release_flags_load_the_four_files(mi_dir, tmp_path, capsys, monkeypatch):
+    # Renamed copies: only the flags say which file is which.
     flags = []
-    for flag, name in (("--pre-local-n", "local_n_model.pth"), ("--pre-global-n", "global_n_model.pth"),
-                       ("--pre-local-a", "local_a_model.pth"), ("--pre-global-a", "global_a_model.pth")):
-        flags += [flag, mi_dir / name]
-    code, _, err = run_script(capsys, "train_MIAT", [*BASE, *flags, "--model-dir", tmp_path])
+    for i, (flag, name) in enumerate((("--pre-local-n", "local_n_model.pth"), ("--pre-global-n", "global_n_model.pth"),
+                                      ("--pre-local-a", "local_a_model.pth"),
+                                      ("--pre-global-a", "global_a_model.pth"))):
+        copy = tmp_path / f"file{i}.pth"
+        copy.write_bytes((mi_dir / name).read_bytes())
+        flags += [flag, copy]
+    seen = _spy_on_estimators(monkeypatch)
+    code, _, err = run_script(capsys, "train_MIAT", [*BASE, *flags, "--model-dir", tmp_path / "run"])
     assert code == 0, err
+    assert seen
+    est_n, est_a = seen[-1]
+    files = dict(zip(("local_n", "global_n", "local_a", "global_a"), flags[1::2]))
+    assert _weights_equal(est_n.local, files["local_n"]) and _weights_equal(est_n.global_, files["global_n"])
+    assert _weights_equal(est_a.local, files["local_a"]) and _weights_equal(est_a.global_, files["global_a"])
+    # The fixture's two estimators differ, so the checks above tell E_n from E_a.
+    assert not _weights_equal(est_n.local, files["local_a"]) and not _weights_equal(est_n.global_, files["global_a"])
+
+
+def test_mi_dir_loads_each_estimator_from_its_own_files(mi_dir, tmp_path, capsys, monkeypatch):
+    seen = _spy_on_estimators(monkeypatch)
+    code, _, err = run_script(capsys, "train_MIAT", [*BASE, "--mi-dir", mi_dir, "--model-dir", tmp_path])
+    assert code == 0, err
+    est_n, est_a = seen[-1]
+    assert _weights_equal(est_n.local, mi_dir / "local_n_model.pth")
+    assert _weights_equal(est_n.global_, mi_dir / "global_n_model.pth")
+    assert _weights_equal(est_a.local, mi_dir / "local_a_model.pth")
+    assert _weights_equal(est_a.global_, mi_dir / "global_a_model.pth")
+    assert not _weights_equal(est_n.global_, mi_dir / "global_a_model.pth")
 
 
 def test_warm_up_epochs_train_clean_first(mi_dir, tmp_path, capsys):

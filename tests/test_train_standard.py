@@ -10,14 +10,17 @@ from tests.helpers import assert_user_error, run_script
 
 SYNTH = ["--dataset", "synthetic", "--arch", "smallcnn", "--batch-size", "32", "--epsilon", "0.1",
          "--num-steps", "2", "--eval-steps", "2", "--lr", "0.05", "--no-progress"]
+# Two training batches an epoch (64 images less the default hold-out of 6) and 32 test images.
+TINY = [*SYNTH, "--train-limit", "64", "--test-limit", "32"]
 
 
+@pytest.mark.skipif(not HAVE_FASHION, reason="needs Fashion-MNIST in /usr/share/datasets/fashion-mnist "
+                                              "(Debian package dataset-fashion-mnist, which CI installs)")
 def test_short_real_run_learns_and_writes_every_file(tmp_path, capsys):
-    """Fashion-MNIST when installed (synthetic otherwise): clean accuracy well above chance."""
-    data = (["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nodata")] if HAVE_FASHION
-            else ["--dataset", "synthetic"])
+    """Fashion-MNIST, found in the system folder when --data-dir has none: clean accuracy well above chance."""
     (tmp_path / "nodata").mkdir()
-    argv = [*data, "--arch", "smallcnn", "--train-limit", "2000", "--test-limit", "500", "--epochs", "2",
+    argv = ["--dataset", "fashion-mnist", "--data-dir", tmp_path / "nodata", "--arch", "smallcnn",
+            "--train-limit", "2000", "--test-limit", "500", "--epochs", "2",
             "--warm-up-epochs", "1", "--batch-size", "32", "--lr", "0.05", "--epsilon", "0.1", "--num-steps", "3",
             "--eval-steps", "5", "--lr-milestones", "1", "--model-dir", tmp_path / "run", "--no-progress"]
     code, out, err = run_script(capsys, "train_standard", argv)
@@ -33,7 +36,7 @@ def test_short_real_run_learns_and_writes_every_file(tmp_path, capsys):
     assert lines[-1]["clean_acc"] > 50.0  # chance is 10 %
     assert lines[-1]["pgd_acc"] <= lines[-1]["clean_acc"]
     config = json.loads((run / "config.json").read_text())
-    assert config["arch"] == "smallcnn" and config["epsilon"] == 0.1
+    assert config["arch"] == "smallcnn" and config["epsilon"] == 0.1 and config["dataset"] == "fashion-mnist"
     state = torch.load(run / "best_model.pth", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     last = torch.load(run / "last.pth", weights_only=True)
@@ -157,14 +160,18 @@ def test_resume_refuses_changed_flags_and_keeps_the_config(tmp_path, capsys):
 
 
 def test_fresh_start_refuses_a_folder_holding_a_run(tmp_path, capsys):
-    argv = [*SYNTH, "--epochs", "1", "--model-dir", tmp_path]
-    code, _, err = run_script(capsys, "train_standard", argv)
+    argv = [*TINY, "--model-dir", tmp_path]
+    code, _, err = run_script(capsys, "train_standard", [*argv, "--epochs", "2"])
     assert code == 0, err
     before = (tmp_path / "metrics.jsonl").read_text()
-    assert_user_error(run_script(capsys, "train_standard", argv), "--resume", "--overwrite")
+    assert_user_error(run_script(capsys, "train_standard", [*argv, "--epochs", "1"]), "--resume", "--overwrite")
     assert (tmp_path / "metrics.jsonl").read_text() == before
-    code, _, err = run_script(capsys, "train_standard", [*argv, "--overwrite"])
+    code, _, err = run_script(capsys, "train_standard", [*argv, "--epochs", "1", "--lr", "0.01", "--overwrite"])
     assert code == 0, err
+    # Only the new run's epoch is left: none of the replaced run's lines.
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["lr"]) for r in lines] == [(1, 0.01)]
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.01
 
 
 def test_unwritable_model_dir_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
@@ -211,6 +218,20 @@ def test_resume_drops_a_torn_metrics_line(tmp_path, capsys):
     assert [json.loads(ln)["epoch"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_resume_drops_a_whole_metrics_line_of_an_uncommitted_epoch(tmp_path, capsys):
+    """A crash between the metrics line and last.pth leaves a complete line for an epoch that last.pth
+    does not hold: the resumed run redoes that epoch, and its line must not appear twice."""
+    code, _, err = run_script(capsys, "train_standard", [*TINY, "--epochs", "1", "--model-dir", tmp_path])
+    assert code == 0, err
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "lr": 0.05, "clean_acc": -1.0, "pgd_acc": -1.0, "stale": True}) + "\n")
+    code, _, err = run_script(capsys, "train_standard", [*TINY, "--epochs", "2", "--model-dir", tmp_path, "--resume"])
+    assert code == 0, err
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert not any("stale" in r for r in lines) and lines[1]["clean_acc"] >= 0
+
+
 class Boom:
     def __reduce__(self):
         import os
@@ -244,3 +265,163 @@ def test_warm_up_covering_every_epoch_is_flagged(capsys):
     assert "no adversarial training" in capsys.readouterr().err
     train_standard.parse_args(["--epochs", "3", "--warm-up-epochs", "2"])
     assert capsys.readouterr().err == ""
+
+
+# --- the loss choice, model selection, resume of the best model, the ε ramp ---
+
+@pytest.mark.parametrize("kind", ["ce", "trades", "mart"])
+def test_loss_flag_picks_the_objective(kind):
+    from types import SimpleNamespace
+
+    from models import get_model
+    from utils import losses
+
+    torch.manual_seed(1)
+    model = get_model("smallcnn", 10, 3)
+    # SmallCNN's last layer starts at zero: give it varied predictions, so that the losses differ.
+    torch.nn.init.normal_([m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].weight)
+    model.eval()  # the same logits here and inside the objective
+    x = torch.rand(16, 3, 32, 32)
+    x_adv = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    y = torch.randint(0, 10, (16,))
+    with torch.no_grad():
+        nat, adv = model(x), model(x_adv)
+    expected = {"ce": lambda: torch.nn.functional.cross_entropy(adv, y),
+                "trades": lambda: losses.trades_loss(nat, adv, y, 3.0),
+                "mart": lambda: losses.mart_loss(nat, adv, y, 3.0)}
+    values = {k: f() for k, f in expected.items()}
+    assert len({round(float(v), 4) for v in values.values()}) == 3  # the comparison tells the losses apart
+    loss, logits, _ = train_standard.standard_objective(model, x, x_adv, y, SimpleNamespace(loss=kind, beta=3.0))
+    torch.testing.assert_close(loss.detach(), values[kind])
+    torch.testing.assert_close(logits.detach(), adv)
+
+
+def _spy_on_pgd(monkeypatch):
+    """Record the named arguments of every training attack that train_standard crafts."""
+    import inspect
+
+    real = train_standard.pgd
+    calls = []
+
+    def spy(*a, **k):
+        bound = inspect.signature(real).bind(*a, **k)
+        bound.apply_defaults()
+        calls.append({name: v for name, v in bound.arguments.items() if name not in ("model", "x", "y")})
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_standard, "pgd", spy)
+    return calls
+
+
+# How each defense crafts its training examples, as in the TRADES and MART reference code: TRADES ascends
+# the KL divergence from a 0.001·N(0, I) start; Standard AT and MART ascend the cross-entropy from a
+# uniform start in the ε-ball.
+@pytest.mark.parametrize("kind,attack", [("ce", ("ce", "uniform")), ("trades", ("kl", "normal")),
+                                         ("mart", ("ce", "uniform"))])
+def test_loss_flag_picks_the_training_attack(kind, attack, tmp_path, capsys, monkeypatch):
+    calls = _spy_on_pgd(monkeypatch)
+    argv = [*TINY, "--epochs", "1", "--loss", kind, "--model-dir", tmp_path]
+    code, _, err = run_script(capsys, "train_standard", argv)
+    assert code == 0, err
+    assert len(calls) == 2  # two training batches; the per-epoch evaluation attacks through another name
+    for call in calls:
+        assert (call["loss"], call["random_start"]) == attack
+        assert call["epsilon"] == pytest.approx(0.1) and call["num_steps"] == 2
+
+
+def _scripted_scores(monkeypatch, scores):
+    """Replace the per-epoch evaluation by the given PGD accuracies, one per call, in order.
+
+    Returns (scores left, number of images in each evaluation loader)."""
+    import utils.training as training
+
+    left = list(scores)
+    sizes = []
+
+    def evaluate(model, loader, *a, **k):
+        sizes.append(sum(len(y) for _, y in loader))
+        score = float(left.pop(0))
+        return {"clean_acc": score, "pgd_acc": score}
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    return left, sizes
+
+
+def _same_weights(a, b):
+    sa, sb = (torch.load(p, weights_only=True) for p in (a, b))
+    sa, sb = (s["model"] if "model" in s else s for s in (sa, sb))
+    return sa.keys() == sb.keys() and all(torch.equal(v, sb[k]) for k, v in sa.items())
+
+
+def _records(folder):
+    return [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("val_size,split,size", [("16", "val", 16), ("0", "test", 32)])
+def test_best_model_is_the_best_scoring_epoch_on_the_selection_split(val_size, split, size, tmp_path, capsys,
+                                                                     monkeypatch):
+    left, sizes = _scripted_scores(monkeypatch, [50, 70, 60])
+    argv = [*TINY, "--epochs", "3", "--val-size", val_size, "--save-freq", "1", "--model-dir", tmp_path]
+    code, _, err = run_script(capsys, "train_standard", argv)
+    assert code == 0, err
+    assert left == [] and sizes == [size] * 3  # each epoch scored on the held-out split (or the test split)
+    records = _records(tmp_path)
+    assert [r["best"] for r in records] == [True, True, False]
+    assert {r["selected_on"] for r in records} == {split}
+    assert _same_weights(tmp_path / "best_model.pth", tmp_path / "model_epoch2.pth")
+    assert not _same_weights(tmp_path / "best_model.pth", tmp_path / "model_epoch3.pth")
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["best_score"] == 70
+
+
+def test_resume_keeps_the_best_model_of_the_epochs_before_the_crash(tmp_path, capsys, monkeypatch):
+    """Epoch 1 scores best; the run is interrupted after it and resumed: the worse epochs 2 and 3 must not
+    replace best_model.pth, as they do not in an uninterrupted run."""
+    import utils.training as training
+
+    common = [*TINY, "--epochs", "3", "--save-freq", "1"]
+    left, _ = _scripted_scores(monkeypatch, [60, 40, 50])
+    code, _, err = run_script(capsys, "train_standard", [*common, "--model-dir", tmp_path / "full"])
+    assert code == 0, err
+    assert left == []
+
+    real = training.train_epoch
+    calls = {"n": 0}
+
+    def interrupted_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "train_epoch", interrupted_in_epoch_2)
+    _scripted_scores(monkeypatch, [60])
+    code, _, err = run_script(capsys, "train_standard", [*common, "--model-dir", tmp_path / "part"])
+    assert code == 130, err
+    assert torch.load(tmp_path / "part" / "last.pth", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(training, "train_epoch", real)
+    left, _ = _scripted_scores(monkeypatch, [40, 50])
+    code, _, err = run_script(capsys, "train_standard", [*common, "--model-dir", tmp_path / "part", "--resume"])
+    assert code == 0, err
+    assert left == []
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    # Not a degenerate case: the best model is epoch 1's, and the last epoch's weights differ from it.
+    assert _same_weights(full / "best_model.pth", full / "model_epoch1.pth")
+    assert not _same_weights(full / "best_model.pth", full / "last.pth")
+    assert _same_weights(part / "best_model.pth", full / "best_model.pth")
+    best_scores = [torch.load(f / "last.pth", weights_only=True)["best_score"] for f in (full, part)]
+    assert best_scores[0] == best_scores[1] == 60
+    assert [r["best"] for r in _records(part)] == [r["best"] for r in _records(full)] == [True, False, False]
+
+
+def test_epsilon_ramp_grows_over_the_adversarial_epochs(tmp_path, capsys, monkeypatch):
+    """--epsilon-ramp-epochs R: the k-th adversarial epoch trains at ε·k/R until k = R (clean warm-up epochs
+    do not count); the attack of each batch uses that budget."""
+    calls = _spy_on_pgd(monkeypatch)
+    argv = [*TINY, "--epochs", "3", "--warm-up-epochs", "1", "--epsilon-ramp-epochs", "2", "--model-dir", tmp_path]
+    code, _, err = run_script(capsys, "train_standard", argv)
+    assert code == 0, err
+    eps = 0.1
+    assert [r["train_epsilon"] for r in _records(tmp_path)] == pytest.approx([0.0, eps / 2, eps])
+    # Two batches an epoch; the warm-up epoch crafts no attack.
+    assert [c["epsilon"] for c in calls] == pytest.approx([eps / 2, eps / 2, eps, eps])
