@@ -18,33 +18,54 @@ from utils.training import FastPath, speed_up
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one_step_loss(fast: FastPath, flags: dict) -> float:
-    """Loss of one Standard-AT training step (PGD-3, then the objective) from a fixed start."""
+def one_step_loss(fast: FastPath, flags: dict):
+    """Loss of one Standard-AT training step (PGD-3, then the objective) from a fixed start, and what
+    the model saw: the inputs of its forward passes, the logits it returned and its conv weights."""
     torch.manual_seed(0)
-    model = get_model("smallcnn", 10, 1)
+    model = get_model("smallcnn", 10, 3)
     # TRADES' init zeroes the last layer, which would make every loss log(10): randomise it.
     torch.nn.init.normal_([m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].weight, std=0.3)
-    x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
+    x, y = torch.rand(16, 3, 32, 32), torch.arange(16) % 10  # 3 channels: NCHW and NHWC strides differ
     model = speed_up(copy.deepcopy(model), SimpleNamespace(**flags))
     model.train()
+    seen = SimpleNamespace(inputs=[], logits=[])
+    model.register_forward_pre_hook(lambda m, args: seen.inputs.append(args[0]))
+    model.register_forward_hook(lambda m, args, out: seen.logits.append(out))
+    seen.conv_weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     torch.manual_seed(1)
     xb = fast.batch(x)
+    seen.batch = xb
     with fast.autocast(xb.device):
         x_adv = pgd(model, xb, y, 0.1, 0.025, 3, "linf")
         loss, _, _ = train_standard.standard_objective(model, xb, x_adv, y, SimpleNamespace(loss="ce", beta=6.0))
     loss.backward()
-    return loss.item()
+    assert len(seen.inputs) == len(seen.logits) >= 2  # the attack's passes, then the objective's on x̃
+    return loss.item(), seen
+
+
+def channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def test_channels_last_leaves_the_loss_unchanged():
-    plain = one_step_loss(FastPath(), {})
-    assert one_step_loss(FastPath(channels_last=True), {"channels_last": True}) == pytest.approx(plain, rel=1e-4)
+    plain, seen = one_step_loss(FastPath(), {})
+    assert not any(channels_last(t) for t in [seen.batch, *seen.inputs, *seen.conv_weights])
+    fast, seen = one_step_loss(FastPath(channels_last=True), {"channels_last": True})
+    assert fast == pytest.approx(plain, rel=1e-4)
+    # The fast path really ran NHWC: the batch, every input the model was given and its conv weights.
+    assert channels_last(seen.batch)
+    assert all(channels_last(t) for t in seen.inputs)
+    assert len(seen.conv_weights) == 4 and all(channels_last(w) for w in seen.conv_weights)
 
 
 def test_bf16_autocast_stays_within_tolerance():
     # bf16 keeps 8 bits of mantissa: a 2 % relative tolerance on the loss is the stated bound.
-    plain = one_step_loss(FastPath(), {})
-    assert one_step_loss(FastPath(amp=True), {}) == pytest.approx(plain, rel=2e-2)
+    plain, seen = one_step_loss(FastPath(), {})
+    assert all(t.dtype == torch.float32 for t in seen.logits)
+    amp, seen = one_step_loss(FastPath(amp=True), {})
+    assert all(t.dtype == torch.bfloat16 for t in seen.logits)  # the forward passes ran in bf16
+    assert amp != plain  # so the loss is not fp32's to the bit ...
+    assert amp == pytest.approx(plain, rel=2e-2)  # ... but within the bound
 
 
 def test_mi_scores_stay_fp32_under_autocast():
@@ -62,19 +83,22 @@ def _run(cmd, env_extra=None):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
-def _one_and_two_processes(worker: str, tmp_path, port: int):
+# --standalone: torchrun picks a free port, so parallel test runs never collide on a fixed one.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _one_and_two_processes(worker: str, tmp_path):
     """What ``worker`` saved when run alone and under torchrun with 2 gloo processes."""
     single = _run([sys.executable, worker, str(tmp_path / "one.pt")])
     assert single.returncode == 0, single.stderr
-    double = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                   worker, str(tmp_path / "two.pt")])
+    double = _run([*TORCHRUN, worker, str(tmp_path / "two.pt")])
     assert double.returncode == 0, double.stderr[-2000:]
     return (torch.load(tmp_path / name, weights_only=True) for name in ("one.pt", "two.pt"))
 
 
 def test_ddp_gradients_equal_single_process_gradients(tmp_path):
     """Two gloo processes, each on its shard of the global batch, average to the one-process gradient."""
-    one, two = _one_and_two_processes("tests/ddp_worker.py", tmp_path, 29517)
+    one, two = _one_and_two_processes("tests/ddp_worker.py", tmp_path)
     for key, grad in one.items():
         assert grad.abs().sum() > 0
         assert torch.allclose(two[key], grad, rtol=1e-4, atol=1e-6), key
@@ -87,8 +111,7 @@ def test_torchrun_training_run_writes_once_and_resumes(tmp_path):
     common = ["--dataset", "synthetic", "--arch", "smallcnn-nobn", "--train-limit", "128", "--test-limit", "64",
               "--batch-size", "16", "--warm-up-epochs", "1", "--num-steps", "1",
               "--eval-steps", "1", "--epsilon", "0.03", "--lr", "0.05", "--no-progress"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-                "train_standard.py", *common, "--model-dir", str(tmp_path / "two")]
+    torchrun = [*TORCHRUN, "train_standard.py", *common, "--model-dir", str(tmp_path / "two")]
     single = _run([sys.executable, "train_standard.py", *common, "--epochs", "2", "--model-dir", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr
     first = _run([*torchrun, "--epochs", "1"])
@@ -103,35 +126,70 @@ def test_torchrun_training_run_writes_once_and_resumes(tmp_path):
     assert not any(k.startswith("module.") for k in state)
 
 
+def _briefly_trained_target(path, test_split) -> torch.Tensor:
+    """Save a SmallCNN trained for 16 clean steps on synthetic data, so that both halves of the
+    evaluation split hold correctly classified images; return its clean hits on ``test_split``."""
+    from utils.data import load_splits
+
+    train = load_splits("synthetic", "data", train_limit=256, test_limit=1, val_size=0, seed=0)[0]["train"]
+    torch.manual_seed(0)
+    model = get_model("smallcnn", 10, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = train.images.float() / 255, train.labels
+    for i in range(0, 256, 16):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i:i + 16]), y[i:i + 16]).backward()
+        optimizer.step()
+    torch.save(model.state_dict(), path)
+    with torch.no_grad():
+        return model.eval()(test_split.images.float() / 255).argmax(1) == test_split.labels
+
+
 @pytest.mark.parametrize("script", ["train_MI_estimator.py", "train_MIAT.py"])
 def test_torchrun_stage2_and_stage3(tmp_path, script):
-    """The estimator and NAMID scripts run under torchrun (2 gloo processes) and write once."""
+    """The estimator and NAMID scripts run under torchrun (2 gloo processes) and write once. Stage 2's
+    target is frozen, so its clean evaluation, split over the two processes, must give one process's
+    counts exactly: every test image counted once (sharded), and the Fig. 4 table summed over both."""
     from models.estimator import build_estimator
+    from utils.data import load_splits
     from utils.estimators import save_estimators
 
-    torch.manual_seed(0)
-    torch.save(get_model("smallcnn", 10, 3).state_dict(), tmp_path / "target.pth")
-    save_estimators({k: build_estimator(3, 10, 16) for k in ("natural", "adversarial")}, tmp_path / "mi")
     common = ["--dataset", "synthetic", "--arch", "smallcnn", "--train-limit", "64", "--test-limit", "32",
               "--batch-size", "32", "--epochs", "1", "--num-steps", "1", "--eval-steps", "1", "--va-hsize", "16",
-              "--no-progress", "--model-dir", str(tmp_path / "out")]
-    common += (["--pre-target", str(tmp_path / "target.pth")] if script == "train_MI_estimator.py"
-               else ["--mi-dir", str(tmp_path / "mi")])
-    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
-                 script, *common])
+              "--no-progress"]
+    if script == "train_MI_estimator.py":
+        test_split = load_splits("synthetic", "data", train_limit=64, test_limit=32, val_size=0, seed=0)[0]["test"]
+        hits = _briefly_trained_target(tmp_path / "target.pth", test_split)
+        # Both processes' shards (every other image) hold hits: a sum missing over processes would show.
+        assert 0 < int(hits[0::2].sum()) < int(hits.sum())
+        common += ["--pre-target", str(tmp_path / "target.pth")]
+    else:
+        torch.manual_seed(0)
+        save_estimators({k: build_estimator(3, 10, 16) for k in ("natural", "adversarial")}, tmp_path / "mi")
+        common += ["--mi-dir", str(tmp_path / "mi")]
+    proc = _run([*TORCHRUN, script, *common, "--model-dir", str(tmp_path / "out")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])
     assert 0 <= record["clean_acc"] <= 100
-    if script == "train_MI_estimator.py":
-        assert record["n_right"] + record["n_wrong"] <= 32  # summed over both shards of the 32 test images
+    if script != "train_MI_estimator.py":
+        return
+    import train_MI_estimator
+
+    train_MI_estimator.main([*common, "--model-dir", str(tmp_path / "one")])
+    (single,) = [json.loads(ln) for ln in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert single["clean_acc"] == pytest.approx(100 * float(hits.float().mean()))
+    assert record["clean_acc"] == pytest.approx(single["clean_acc"])
+    # R ∪ W = C, the clean hits (x̃ depends on each process's random PGD start; C does not).
+    assert record["n_right"] + record["n_wrong"] == single["n_right"] + single["n_wrong"] == int(hits.sum())
+    assert record["n_right"] + record["n_wrong"] == round(record["clean_acc"] * 32 / 100)
 
 
 def test_mi_terms_under_torchrun_equal_one_process(tmp_path):
     """Stages 2 and 3 gather the batch for their MI terms: two gloo processes give the one-process
     gradients of the NAMID objective (target) and of the estimator objective (estimators)."""
-    one, two = _one_and_two_processes("tests/ddp_mi_worker.py", tmp_path, 29523)
+    one, two = _one_and_two_processes("tests/ddp_mi_worker.py", tmp_path)
     assert one["w_size"] == two["w_size"] > 0
     assert any(k.startswith("estimators.") for k in one) and any(k.startswith("target.") for k in one)
     for key, grad in one.items():

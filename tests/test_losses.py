@@ -48,13 +48,30 @@ def test_mart_by_hand():
     assert mart_loss(LOGITS_NAT, LOGITS_ADV, Y, beta).item() == pytest.approx(expected, rel=1e-5)
 
 
+def _boosted_ce(row, label, runner_up):
+    q = softmax(row)
+    return -math.log(q[label]) - math.log(1.0001 - q[runner_up] + 1e-12)
+
+
 def test_mart_runner_up_when_prediction_is_wrong():
-    # sample 0's adversarial argmax (class 1) is not the label: the runner-up is class 1 itself
-    probs = torch.softmax(LOGITS_ADV, 1)
-    assert probs[0].argmax() == 1
-    lowered = LOGITS_ADV.clone()
-    lowered[0, 2] = -5.0  # moving a non-runner-up class changes the boosted term only through the softmax
-    assert mart_loss(LOGITS_NAT, lowered, Y, 0.0) != mart_loss(LOGITS_NAT, LOGITS_ADV, Y, 0.0)
+    # The runner-up is max_{k≠y} p_k(x̃). Sample 0 (label 0) is predicted as class 1: the runner-up is
+    # the prediction itself, class 1, not the second of the top two (class 2). Sample 1 (label 0) is
+    # predicted right: its runner-up is the second of the top two, class 2.
+    adv = torch.tensor([[0.0, 1.0, 0.5], [3.0, 1.0, 2.0]])
+    nat = torch.tensor([[2.0, 0.0, -1.0], [1.0, 0.0, 0.5]])
+    y = torch.tensor([0, 0])
+    assert adv.argmax(1).tolist() == [1, 0]
+    rows = adv.tolist()
+    expected_ce = (_boosted_ce(rows[0], 0, 1) + _boosted_ce(rows[1], 0, 2)) / 2
+    wrong_choice = (_boosted_ce(rows[0], 0, 2) + _boosted_ce(rows[1], 0, 2)) / 2
+    assert expected_ce != pytest.approx(wrong_choice, rel=1e-3)  # the case tells the two choices apart
+    assert mart_loss(nat, adv, y, 0.0).item() == pytest.approx(expected_ce, rel=1e-6)
+    # With β the KL term is added on top, weighted per sample by 1 − p_y(x).
+    kl = 0.0
+    for rn, ra, t in zip(nat.tolist(), rows, y.tolist()):
+        p, q = softmax(rn), softmax(ra)
+        kl += sum(pi * (math.log(pi + 1e-12) - math.log(qi + 1e-12)) for pi, qi in zip(p, q)) * (1.0000001 - p[t])
+    assert mart_loss(nat, adv, y, 6.0).item() == pytest.approx(expected_ce + 6.0 * kl / 2, rel=1e-6)
 
 
 def test_losses_need_natural_logits_and_known_names():

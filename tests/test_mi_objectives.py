@@ -62,6 +62,22 @@ def test_release_objective_by_hand():
     _close(loss_a, l_w + 0.5 * l_r)
 
 
+def test_release_objective_takes_the_absolute_w_cosine():
+    # On W = {2, 3} the two vectors of each estimator now point in opposite directions, so both
+    # W cosines are negative and §5's w·|cos| differs from w·cos. R and the sums are as in SEL.
+    n_adv = [2.0, 1.0, -1.0, -2.0, 0.0, 0.0]  # Î_n(x, h(x̃)) on W: (−1, −2) against Î_n(x, h(x)) = (3, 4)
+    a_nat = [0.5, 1.0, -2.0, -1.0, 7.0, 7.0]  # Î_a(n, h(x)) on W: (−2, −1) against Î_a(n, h(x̃)) = (1, 3)
+    cos_n_w = (3 * -1 + 4 * -2) / (5 * math.sqrt(5))
+    cos_a_w = (-2 * 1 + -1 * 3) / (math.sqrt(5) * math.sqrt(10))
+    assert cos_n_w < -0.9 and cos_a_w < -0.7
+    vecs = [torch.tensor(v) for v in (N_NAT, n_adv, a_nat, A_ADV)]
+    loss_n, loss_a = estimator_loss_release(*vecs, SEL)
+    # E_n: L_W = 5|cos| + Σ_W a_n(x)/|C| = 5|cos| − (3 + 4)/4; L_R unchanged.
+    _close(loss_n, 5 * abs(cos_n_w) - 7 / 4 + 0.5 * (5 * abs(1 - COS_N_R) - 3 / 4))
+    # E_a: L_W = 5|cos| + Σ_W a_a(x̃)/|W| = 5|cos| − (1 + 3)/2; L_R unchanged.
+    _close(loss_a, 5 * abs(cos_a_w) - 4 / 2 + 0.5 * (8 * abs(1 - COS_A_R) - 0.1 * (-2) / 2))
+
+
 def test_release_objective_constants_are_arguments():
     loss_n, loss_a = estimator_loss_release(
         *_vectors(), SEL, cos_weight=1.0, r_weight=2.0, a_r_cos_weight=3.0, a_r_sum_weight=4.0

@@ -12,8 +12,9 @@ import utils.stage2 as stage2
 from models import get_model
 from models.estimator import build_estimator
 from tests.helpers import assert_user_error, run_script
-from utils.mi_objectives import estimator_loss_release
-from utils.patterns import Selection
+from utils.estimators import save_estimators
+from utils.mi_objectives import estimator_loss_max, estimator_loss_paper, estimator_loss_release
+from utils.patterns import Selection, attack_succeeded, select_samples
 
 TINY = ["--dataset", "synthetic", "--arch", "smallcnn", "--train-limit", "32", "--test-limit", "32",
         "--batch-size", "16", "--va-hsize", "32", "--num-steps", "2", "--epsilon", "0.1", "--no-progress"]
@@ -94,6 +95,15 @@ def test_one_epoch_trains_estimators_only_and_writes_every_file(pre_target, tmp_
         weights = [k for k in state if k.endswith("weight")]
         assert any(not torch.equal(state[k], seen["before"][prefix + k]) for k in weights), name
         assert all(torch.isfinite(v.float()).all() for v in state.values()), name
+        # ... and it holds exactly the trained part it is named after (E_n vs E_a, local vs global).
+        kind, part = prefix.rstrip(".").split(".")
+        trained = getattr(seen["estimators"][kind], part).state_dict()
+        assert state.keys() == trained.keys(), name
+        assert all(torch.equal(state[k], trained[k]) for k in state), name
+        if kind != "standard":  # the other estimator's same part differs, so a swap would show
+            other_kind = "adversarial" if kind == "natural" else "natural"
+            other = getattr(seen["estimators"][other_kind], part).state_dict()
+            assert any(not torch.equal(state[k], other[k]) for k in weights), name
     other = PAIR_FILES if files == STD_FILES else STD_FILES
     assert not any((out_dir / name).exists() for name in other)
 
@@ -183,6 +193,98 @@ def test_release_objective_flags_reach_the_loss(pre_target, tmp_path, capsys, mo
     assert code == 0, err
     assert len(calls) == 1  # one per training batch; evaluation needs no loss
     assert calls[0] == {"cos_weight": 2.0, "r_weight": 0.25, "a_r_cos_weight": 3.0, "a_r_sum_weight": 0.7}
+
+
+def test_save_estimators_writes_each_part_to_its_own_file(tmp_path):
+    torch.manual_seed(3)
+    ests = {k: build_estimator(3, 10, hidden=16) for k in ("natural", "adversarial")}
+    save_estimators(ests, tmp_path)
+    for name, (kind, part) in zip(PAIR_FILES, [("natural", "local"), ("natural", "global_"),
+                                               ("adversarial", "local"), ("adversarial", "global_")]):
+        state = torch.load(tmp_path / name, weights_only=True)
+        want = getattr(ests[kind], part).state_dict()
+        assert state.keys() == want.keys(), name
+        assert all(torch.equal(state[k], want[k]) for k in state), name
+        other = getattr(ests["adversarial" if kind == "natural" else "natural"], part).state_dict()
+        assert any(not torch.equal(state[k], other[k]) for k in state), name  # a swap would show
+
+
+SCRIPTS = {"train_MI_estimator": train_MI_estimator, "train_MI_estimator_only_max": train_MI_estimator_only_max}
+
+
+def capture_step(monkeypatch, script, argv):
+    """Run ``script``'s main up to ``fit`` and return what it hands to it: the training step among them."""
+    seen = {}
+
+    def fit(args, setup, estimators, step, evaluate, best):
+        seen.update(args=args, setup=setup, estimators=estimators, step=step)
+
+    monkeypatch.setattr(SCRIPTS[script], "fit", fit)
+    SCRIPTS[script].main([str(a) for a in argv])
+    assert "step" in seen
+    return seen
+
+
+def objective(seen, x, y, variant):
+    """The script's stage-2 objective on (x, y), rebuilt from the public helpers (PAPER.md §5):
+    the loss to minimise, or for --standard-mi the mean standard MI Î(x̃; h(x̃)) to maximise."""
+    args, setup, ests = seen["args"], seen["setup"], seen["estimators"]
+    b = stage2.global_batch(stage2.attack_batch(setup.target, x, y, args, setup.layer, args.num_steps))
+    if variant == "standard-mi":
+        return ests["standard"].mi(b.x_adv, b.g_adv, args.mi_mode).mean()
+    sel = select_samples(b.logits_nat, b.logits_adv, b.y)
+    if variant == "eq4-max":
+        e_n, e_a = ests["natural"], ests["adversarial"]
+        return sum(estimator_loss_max(e_n.mi(b.x, b.g_nat, args.mi_mode), e_a.mi(b.n, b.g_adv, args.mi_mode),
+                                      sel.correct, attack_succeeded(b.logits_adv, b.y)))
+    mi = stage2.mi_vectors(ests, b, args.mi_mode)
+    if variant == "eq5-paper":
+        return sum(estimator_loss_paper(*mi, sel.wrong))
+    return sum(estimator_loss_release(*mi, sel, cos_weight=args.cos_weight, r_weight=args.r_weight,
+                                      a_r_cos_weight=args.a_r_cos_weight, a_r_sum_weight=args.a_r_sum_weight))
+
+
+STEP_CASES = {"eq5-release": ("train_MI_estimator", []),
+              "eq5-paper": ("train_MI_estimator", ["--objective", "paper"]),
+              "eq4-max": ("train_MI_estimator_only_max", []),
+              "standard-mi": ("train_MI_estimator_only_max", ["--standard-mi"])}
+
+
+@pytest.mark.parametrize("variant", list(STEP_CASES))
+def test_training_step_moves_the_objective_the_right_way(pre_target, tmp_path, monkeypatch, variant):
+    """The script's own step, driven by Adam on one fixed batch: its loss is the §5 objective (the
+    negated mean MI for --standard-mi), and a few steps lower that objective (raise the MI)."""
+    script, extra = STEP_CASES[variant]
+    seen = capture_step(monkeypatch, script, [*TINY, "--pre-target", pre_target, "--model-dir", tmp_path, *extra])
+    step, ests = seen["step"], seen["estimators"]
+    x, y = next(iter(seen["setup"].train_loader))
+    maximise = variant == "standard-mi"
+    ests.train()
+    optimizer = torch.optim.Adam(ests.parameters(), lr=seen["args"].lr_mi)
+
+    def measure():
+        torch.manual_seed(5)  # the same PGD start, so the frozen target gives the same x̃ every time
+        return objective(seen, x, y, variant).item()
+
+    def train_step():
+        torch.manual_seed(5)
+        loss = step(x, y)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    before = measure()
+    assert math.isfinite(before)
+    assert train_step() == pytest.approx(-before if maximise else before, rel=1e-5, abs=1e-6)
+    for _ in range(7):
+        train_step()
+    after = measure()
+    assert math.isfinite(after)
+    if maximise:
+        assert after > before + 0.05, (before, after)
+    else:
+        assert after < before - 0.05, (before, after)
 
 
 def test_defaults_follow_the_paper_and_the_release():
