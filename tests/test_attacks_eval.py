@@ -28,7 +28,7 @@ from utils.attacks.fwa import (
     valid_moves,
 )
 from utils.attacks.registry import GROUPS, build_attack, expand_attack_names, robust_mask
-from utils.attacks.tidim import diverse_input, gaussian_kernel, smooth_gradient
+from utils.attacks.tidim import diverse_input, gaussian_kernel, mifgsm, smooth_gradient, tidim
 
 N_CLASSES = 10
 
@@ -185,6 +185,38 @@ def test_cw_margin_loss():
     assert torch.allclose(margin_loss(logits, y, confidence=10.0), torch.tensor([2.0, -3.0]))
 
 
+def test_cw_returns_the_nearest_success_and_the_search_tightens_it():
+    """_Halfspace at m = 0.1 from the all-0.5 image: the minimum-norm answer lies m away, along −w.
+
+    c = 10 is far above what the boundary needs (the 1-D objective t² + 2c·(m − t)⁺ crosses it
+    for c > m), so a single constant pulls at Adam's full speed, ≈ lr per coordinate in tanh
+    space, hence at most ½·lr·√d = 0.02 = 0.2·m in L2 per step: its first success lies less
+    than a step past the boundary. After it Adam's momentum overshoots far out, so the last
+    success is much further than the smallest one, which is what must come back.
+    Five constants run the same first constant (so they can only do as well) and then bisect
+    c down (5, 2.5, 1.25, 0.625): weaker pulls whose steps shrink as the distance term grows
+    near the boundary, and whose crossings fall elsewhere; the smallest of all is returned."""
+    margin, lr, steps = 0.1, 0.01, 50
+    model, x = _Halfspace(margin), torch.full((1, 1, 4, 4), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    one_step_l2 = 0.5 * lr * x[0].numel() ** 0.5
+    assert one_step_l2 == pytest.approx(0.2 * margin)
+
+    results = {}
+    for searches in (1, 5):
+        x_adv = cw_l2(model, x, y, steps=steps, lr=lr, binary_search_steps=searches, initial_const=10.0)
+        with torch.no_grad():
+            assert (model(x_adv).argmax(1) != y).all(), searches
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        results[searches] = (x_adv - x).flatten(1).norm(dim=1).item()
+    # One constant: the first crossing, not where the overshoot ended (two steps of slack for
+    # Adam's step exceeding lr when the gradient's size changes).
+    assert results[1] <= margin + 2 * one_step_l2
+    # The search gets within 10 % of the true minimum, strictly closer than its first constant.
+    assert results[5] <= 1.1 * margin
+    assert results[5] < results[1]
+
+
 def test_tidim_pieces():
     kernel = gaussian_kernel(15, 3.0)
     assert kernel.shape == (15, 15) and torch.isclose(kernel.sum(), torch.tensor(1.0))
@@ -204,6 +236,121 @@ def test_tidim_pieces():
     assert diverse_input(x, resize_max=12, probability=0.0) is x
     again = diverse_input(x, resize_max=12, probability=1.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
+
+
+class _Bowl(nn.Module):
+    """Two classes, logits (0, −½‖x − t‖²): the summed CE's input gradient is p₁·(t − x) for
+    label 0 and p₀·(x − t) for label 1, so its L1-normalised form is ±(t − x)/‖t − x‖₁, known in
+    closed form, and it turns as x moves (unlike a linear model's)."""
+
+    def __init__(self, target: torch.Tensor):
+        super().__init__()
+        self.register_buffer("target", target)
+
+    def forward(self, x):
+        far = -0.5 * (x - self.target).pow(2).flatten(1).sum(1)
+        return torch.stack([torch.zeros_like(far), far], dim=1)
+
+
+def _bowl(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    target = 0.3 + 0.4 * torch.rand(3, 8, 8, generator=g)
+    x = 0.3 + 0.4 * torch.rand(4, 3, 8, 8, generator=g)  # the steps below never reach the box
+    y = torch.tensor([0, 1, 1, 0])
+    return _Bowl(target), x, y
+
+
+def _direction(model, x, y):
+    """The sign-relevant CE gradient of the bowl, up to a positive factor per sample (float64)."""
+    toward = model.target.double() - x.double()
+    return torch.where((y == 0).view(-1, 1, 1, 1), toward, -toward)
+
+
+def _smooth(grad, size, sigma):
+    """Depthwise zero-padded convolution with a normalised size × size Gaussian of width sigma px."""
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-offsets**2 / (2 * sigma**2))
+    kernel = torch.outer(g, g) / torch.outer(g, g).sum()
+    c = grad.shape[1]
+    return F.conv2d(grad, kernel.expand(c, 1, size, size), padding=size // 2, groups=c)
+
+
+def _l1_normalised(grad):
+    return grad / grad.abs().flatten(1).sum(1).view(-1, *[1] * (grad.dim() - 1))
+
+
+def _assert_sign_step(x_adv, start, step, direction):
+    """x_adv = start + step·sign(direction), every coordinate, the direction clear of zero."""
+    assert direction.abs().min() > 1e-5 * direction.abs().max()  # float32 rounding is ~1e-7 of it
+    assert torch.allclose(x_adv.double(), start.double() + step * direction.sign(), atol=1e-6)
+
+
+def test_mifgsm_steps_along_the_momentum_of_l1_normalised_gradients():
+    """MI-FGSM: step 1 is ε/T·sign(g₁), step 2 ε/T·sign(μ·g₁/‖g₁‖₁ + g₂/‖g₂‖₁), μ = 1."""
+    model, x, y = _bowl(seed=0)
+    epsilon, steps = 0.1, 2
+    step = epsilon / steps  # MI-FGSM's default step
+    g1 = _direction(model, x, y)
+    one = mifgsm(model, x, y, epsilon, steps=1, step_size=step)
+    _assert_sign_step(one, x, step, g1)
+
+    g2 = _direction(model, one, y)
+    momentum = 1.0 * _l1_normalised(g1) + _l1_normalised(g2)
+    # The setting tells the rules apart: without the momentum, or without the normalisation,
+    # some coordinates would step the other way.
+    assert (momentum.sign() != g2.sign()).any()
+    assert (momentum.sign() != (g1 + g2).sign()).any()
+    two = mifgsm(model, x, y, epsilon, steps=steps)
+    _assert_sign_step(two, one, step, momentum)
+    assert (two - x).abs().max() <= epsilon + 1e-6
+
+
+def test_tidim_steps_along_the_smoothed_gradient_with_momentum():
+    """TI-DIM with DI off (resize_max = H): each gradient is smoothed per channel, then
+    normalised and accumulated, so step 1 is α·sign(K ∗ g₁) and step 2 α·sign(μ·m₁ + ĝ₂)."""
+    model, x, y = _bowl(seed=1)
+    step, decay, size, sigma = 0.03, 0.5, 5, 1.0
+    options = dict(step_size=step, decay=decay, kernel_size=size, sigma=sigma, resize_max=8)
+    g1 = _smooth(_direction(model, x, y), size, sigma)
+    assert (g1.sign() != _direction(model, x, y).sign()).any()  # the smoothing matters here
+    one = tidim(model, x, y, 0.1, steps=1, **options)
+    _assert_sign_step(one, x, step, g1)
+
+    g2 = _smooth(_direction(model, one, y), size, sigma)
+    momentum = decay * _l1_normalised(g1) + _l1_normalised(g2)
+    assert (momentum.sign() != g2.sign()).any()
+    two = tidim(model, x, y, 0.1, steps=2, **options)
+    _assert_sign_step(two, one, step, momentum)
+
+
+def test_tidim_feeds_every_step_through_diverse_input(monkeypatch):
+    """DI transforms the input of every step, with resize_max = round(1.1·H) unless given, and
+    what the model reads is DI's output; MI-FGSM has no DI."""
+    import utils.attacks.tidim as tidim_module
+
+    calls, fed = [], []
+
+    def spy(x_in, resize_max, probability=0.5, generator=None):
+        out = diverse_input(x_in, resize_max, probability, generator)
+        calls.append((x_in.detach().clone(), resize_max, probability, out))
+        return out
+
+    monkeypatch.setattr(tidim_module, "diverse_input", spy)
+    model, x, y = _bowl(seed=2)
+    model.register_forward_pre_hook(lambda module, inputs: fed.append(inputs[0]))
+
+    build_attack("tidim", epsilon=0.05, steps=3, kernel_size=3)(model, x, y)
+    assert [c[1:3] for c in calls] == [(round(1.1 * 8), 0.5)] * 3 == [(9, 0.5)] * 3
+    assert torch.equal(calls[0][0], x)  # the first step reads x itself
+    assert not torch.equal(calls[1][0], x)  # later ones the current iterate
+    assert len(fed) == 3 and all(seen is c[3] for seen, c in zip(fed, calls))
+
+    calls.clear()
+    tidim(model, x, y, 0.05, steps=2, resize_max=12, diversity_prob=1.0)
+    assert [c[1:3] for c in calls] == [(12, 1.0)] * 2
+    calls.clear()
+    mifgsm(model, x, y, 0.05, steps=2)
+    assert calls == []
 
 
 # --- FWA -----------------------------------------------------------------------------------
@@ -372,6 +519,34 @@ def test_autoattack_versions():
         build_autoattack(model, 0.1, version="fast")
 
 
+def test_autoattack_reads_float32_logits_under_bf16_autocast(monkeypatch):
+    """A bf16-autocast forward gives bf16 logits; AutoAttack must be handed fp32 ones."""
+    import utils.attacks.autoattack as aa_module
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bare = net(x)
+        wrapped = aa_module._Float32Logits(net)(x)
+    assert bare.dtype == torch.bfloat16  # the premise: autocast does lower the model's logits
+    assert wrapped.dtype == torch.float32 and torch.equal(wrapped, bare.float())
+
+    seen = []
+
+    class Adversary:
+        def __init__(self, model):
+            self.model = model
+
+        def run_standard_evaluation(self, xb, yb, batch_size):
+            seen.append(self.model(xb).dtype)
+            return xb.clone(), yb
+
+    monkeypatch.setattr(aa_module, "build_autoattack", lambda model, *args, **kwargs: Adversary(model))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = aa_module.autoattack(net, x, y, 0.1)
+    assert seen == [torch.float32] and torch.equal(x_adv, x)
+
+
 # --- registry --------------------------------------------------------------------------------
 
 
@@ -423,7 +598,9 @@ def test_pgd_entry_uses_quarter_epsilon_steps(tiny):
     one_step = build_attack("pgd1", epsilon=0.08, random_start=False)
     x_adv = one_step(model, x, y)
     step = (x_adv - x).abs().flatten(1).amax(1)
-    assert torch.allclose(step[step > 0], torch.tensor(0.02), atol=1e-6)
+    # Every sample moves (a trained MLP has no all-zero input gradient), by exactly ε/4.
+    assert (step > 0).all()
+    assert torch.allclose(step, torch.tensor(0.02), atol=1e-6)
     l2 = build_attack("l2-pgd1", epsilon=0.8, random_start=False)(model, x, y)
     assert torch.allclose((l2 - x).flatten(1).norm(dim=1), torch.tensor(0.2), atol=1e-2)
 

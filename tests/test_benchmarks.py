@@ -119,7 +119,6 @@ def test_ddp_cpu_times_one_process_and_torchrun(tmp_path, capsys):
     assert [r["processes"] for r in runs.values()] == [1, 1, 2]
     assert [r["threads_per_process"] for r in runs.values()] == [1, 2, 1]
     assert all(r["images_per_second"] > 0 for r in runs.values())
-    assert runs["one process, 1 thread"]["speedup"] == 1.0
     assert "2 processes (DDP)" in capsys.readouterr().out
 
 
