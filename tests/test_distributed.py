@@ -196,3 +196,18 @@ def test_mi_terms_under_torchrun_equal_one_process(tmp_path):
         if key != "w_size":
             assert grad.abs().sum() > 0, key
             assert torch.allclose(two[key], grad, rtol=1e-4, atol=1e-6), key
+
+
+def test_gather_batch_on_uneven_shards_with_a_bool_mask(tmp_path):
+    """Rank 0 holds rows 0-2, rank 1 rows 3-4: both see all five rows in rank order, the mask
+    stays bool, and each rank's gradient is its own rows' share of the common loss, summed over
+    the two processes that computed it (DDP's averaging halves it back)."""
+    proc = _run([*TORCHRUN, "tests/ddp_gather_worker.py", str(tmp_path / "g")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = torch.cat([torch.arange(6.0).view(3, 2), torch.arange(4.0).view(2, 2) + 30])
+    weights = torch.arange(10.0).view(5, 2)
+    for rank, rows in ((0, slice(0, 3)), (1, slice(3, 5))):
+        got = torch.load(tmp_path / f"g.{rank}.pt", weights_only=True)
+        assert torch.equal(got["values"], expected)
+        assert got["mask"].dtype == torch.bool and got["mask"].tolist() == [True, False, True, False, True]
+        assert torch.equal(got["grad"], 2 * weights[rows])
