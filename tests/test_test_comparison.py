@@ -43,7 +43,7 @@ def _run(capsys, argv):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A run folder holding best_model.pth of a SmallCNN with ~90 % clean accuracy."""
+    """A run folder holding best_model.pth of a SmallCNN trained well above chance (10 %)."""
     run = tmp_path_factory.mktemp("trained") / "run"
     train_standard.main(["--dataset", "synthetic", "--arch", "smallcnn", "--train-limit", "256", "--test-limit", "64",
                          "--epochs", "5", "--warm-up-epochs", "5", "--lr", "0.05", "--lr-milestones",
@@ -260,6 +260,22 @@ def test_model_dir_prefers_target_model_then_best_model(trained, tmp_path, capsy
 
     (tmp_path / "empty").mkdir()
     assert_user_error(_run(capsys, ["--model-dir", tmp_path / "empty", *fast]), "target_model.pth", "best_model.pth")
+
+
+def test_wrapped_checkpoints_load_as_the_plain_one(trained, tmp_path, capsys):
+    """State dicts saved through DataParallel/DDP ("module.") or torch.compile ("_orig_mod.")
+    give the plain checkpoint's numbers."""
+    state = torch.load(trained / "best_model.pth", weights_only=True)
+    argv = ["--arch", "smallcnn", "--checkpoint", trained / "best_model.pth", "--name", "plain"]
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        path = tmp_path / f"{prefix.replace('.', '_')}.pth"
+        torch.save({prefix + k: v for k, v in state.items()}, path)
+        argv += ["--checkpoint", path, "--name", prefix]
+    code, _, err = _run(capsys, [*argv, "--attacks", "pgd1", "--n-examples", "16", "--out", tmp_path / "w.json"])
+    assert code == 0, err
+    models = _json(tmp_path / "w.json")["models"]
+    assert len(models) == 4 and models[0]["clean"] > 20  # chance is 10 %
+    assert all(m["clean"] == models[0]["clean"] and m["attacks"] == models[0]["attacks"] for m in models)
 
 
 def test_repeated_checkpoints_take_the_name_and_arch_after_them(trained, tmp_path, capsys):
