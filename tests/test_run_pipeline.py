@@ -89,6 +89,20 @@ def dry_run(tmp_path, capsys, *flags):
     return [line for line in out.splitlines() if line.startswith("python ")]
 
 
+def test_a_damaged_last_checkpoint_restarts_its_stage_and_a_partial_one_resumes(tmp_path, capsys):
+    import torch
+
+    (tmp_path / "standard").mkdir()
+    (tmp_path / "standard" / "last.pth").write_bytes(b"half a zip")
+    (tmp_path / "mi_estimator").mkdir()
+    torch.save({"epoch": 1}, tmp_path / "mi_estimator" / "last.pth")  # 1 of the preset's 4 epochs
+    commands = dry_run(tmp_path, capsys, "--method", "namid")
+    by_script = {c.split()[1]: c for c in commands if "test_comparison" not in c}
+    assert by_script["train_standard.py"].endswith("--overwrite")
+    assert by_script["train_MI_estimator.py"].endswith("--resume")
+    assert not by_script["train_MIAT.py"].endswith(("--resume", "--overwrite"))
+
+
 def test_seeds_and_ablations_plan_every_stage_and_run_nothing(tmp_path, capsys):
     commands = dry_run(tmp_path, capsys, "--method", "all", "--seeds", "0,1,2", "--ablations")
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
