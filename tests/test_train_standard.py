@@ -153,6 +153,13 @@ def test_resume_refuses_changed_flags_and_keeps_the_config(tmp_path, capsys):
     result = _resume(tmp_path, capsys, ["--lr", "0.5", "--epochs", "2"])
     assert_user_error(result, "--resume", "--lr")
     assert (tmp_path / "config.json").read_text() == config
+    # Another script's run (its flags differ, e.g. NAMID's --alpha) is refused...
+    ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
+    torch.save({**ckpt, "args": {**ckpt["args"], "alpha": 5.0}}, tmp_path / "last.pth")
+    assert_user_error(_resume(tmp_path, capsys, ["--epochs", "2"]), "--resume", "another script")
+    # ...but a run from before a speed or run flag existed (here --overwrite) is not.
+    older = {k: v for k, v in ckpt["args"].items() if k != "overwrite"}
+    torch.save({**ckpt, "args": older}, tmp_path / "last.pth")
     # --epochs (and the speed flags) may change: that is how a run is extended.
     code, _, err = _resume(tmp_path, capsys, ["--epochs", "2", "--channels-last"])
     assert code == 0, err

@@ -386,10 +386,11 @@ class Run:
         if not isinstance(stored, dict):
             return
         now = self.config()
-        if set(stored) != set(now):
+        # A flag added since (e.g. --overwrite) does not make an older run another script's.
+        if set(stored) - RESUME_MAY_CHANGE != set(now) - RESUME_MAY_CHANGE:
             raise UserError(f"--resume: {self.last_path} was written by another script or version "
                             "(its flags differ); choose another --model-dir")
-        changed = [k for k in sorted(now) if k not in RESUME_MAY_CHANGE and stored[k] != now[k]]
+        changed = [k for k in sorted(set(now) - RESUME_MAY_CHANGE) if stored[k] != now[k]]
         if changed:
             flags = ", ".join(f"--{k.replace('_', '-')} {stored[k]!r} (now {now[k]!r})" for k in changed)
             raise UserError(f"--resume: {self.last_path} was trained with {flags}; resume with the same flags "
