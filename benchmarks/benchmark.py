@@ -80,7 +80,8 @@ def parse_args(argv=None):
                    help="alternate ours and the reference this many times per case; the median step is reported")
     p.add_argument("--va-hsize", type=int, default=2048, help="estimators' hidden size H (PAPER.md §3)")
     p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps of the training cases (step ε/4)")
-    p.add_argument("--ref-workers", type=int, default=2, help="DataLoader workers of the release's data path")
+    p.add_argument("--ref-workers", type=int, default=4,
+                   help="DataLoader workers of the release's data path (the release used 4, pinned memory on CUDA)")
     p.add_argument("--no-reference", action="store_true", help="time ours only")
     p.add_argument("--amp", action="store_true",
                    help="run ours under bfloat16 autocast (the scripts run fp32 today; the reference stays fp32)")
@@ -372,30 +373,31 @@ def time_reference(case: str, arch: str, args, device, split):
     """The release's step (release_reference.py) over its PIL/torchvision DataLoader; same return as time_ours."""
     cfg = step_config(args)
     model = target(arch, device, args.seed)
-    loader = ref.release_loader(split.images, split.labels, args.batch_size, args.ref_workers, args.seed)
+    loader = ref.release_loader(split.images, split.labels, args.batch_size, args.ref_workers, args.seed,
+                                pin_memory=device.type == "cuda")
     reset_peak(device)
     clock = Clock(ToDevice(loader, device), args.warmup, device)
     if case == "train-step":
         optimizer = sgd(model)
         for x, y in clock:
             ref.train_step(model, optimizer, x, y, cfg)
-        notes = f"PGD-{cfg.num_steps} with parameter gradients + 1 forward of x̃"
+        notes = f"the release's PGD-{cfg.num_steps} + 1 forward of x̃"
     elif case == "estimator-step":
-        model.eval()  # parameters keep requires_grad=True: the attack computes their gradients
+        model.eval()
         est_n, est_a = estimators(arch, args.va_hsize, device, args.seed)
         optimizers = tuple(torch.optim.Adam(e.parameters(), lr=1e-2) for e in (est_n, est_a))
         for e in (est_n, est_a):
             e.train()
         for x, y in clock:
             ref.estimator_step(model, est_n, est_a, optimizers, x, y, cfg)
-        notes = (f"H={args.va_hsize}; PGD-{cfg.num_steps} with parameter gradients + 6 target forwards, "
+        notes = (f"H={args.va_hsize}; the release's PGD-{cfg.num_steps} + 6 target forwards, "
                  "each local net twice")
     else:
         est_n, est_a = (train_MIAT.freeze(e) for e in estimators(arch, args.va_hsize, device, args.seed))
         optimizer = sgd(model)
         for x, y in clock:
             ref.namid_step(model, est_n, est_a, optimizer, x, y, cfg)
-        notes = (f"H={args.va_hsize}; PGD-{cfg.num_steps} with parameter gradients + 7 target forwards, "
+        notes = (f"H={args.va_hsize}; the release's PGD-{cfg.num_steps} + 7 target forwards, "
                  "each local net twice")
     return clock.step_seconds(), f"{notes}; DataLoader workers={args.ref_workers}", peak_mib(device)
 
@@ -534,9 +536,13 @@ def summarize(results) -> dict:
 
 
 def git_commit():
+    """HEAD, with "+dirty" when tracked files differ from it (the numbers are then of another tree)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10)
+        commit = head.stdout.strip()
+        return (commit + ("+dirty" if dirty.stdout.strip() else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -571,6 +577,8 @@ def main(argv=None) -> dict:
                 results += run_autoattack(arch, args, device)
             else:
                 results += run_training_case(case, arch, args, device)
+            # Written after every case: a run cut short (a device's time limit) keeps what it measured.
+            write_results(args, name, device, results, out, load_before, done=False)
 
     print()
     if args.options:
@@ -594,12 +602,19 @@ def main(argv=None) -> dict:
     if device.type == "cpu":
         print("note: CPU timings on a shared machine are noisy; compare ratios from the same run only.")
 
+    record = write_results(args, name, device, results, out, load_before, done=True)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return record
+
+
+def write_results(args, name: str, device, results: list, out: Path, load_before, done: bool) -> dict:
+    """The JSON record and its Markdown table; ``done`` False marks a run still in progress."""
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     record = {
         "device": name, "device_type": device.type, "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "load_average": {"before": load_before, "after": load_after}, "commit": git_commit(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": done,
         "settings": {k: v for k, v in vars(args).items() if k != "out"}, "epsilon": EPSILON,
     }
     heading = f"Device: {name}, batch {args.batch_size}, {args.iters} timed steps × {args.repeats}; "
@@ -608,13 +623,18 @@ def main(argv=None) -> dict:
         heading += "img/s from the median step; × baseline: over every option off\n\n"
         text = markdown(results, OPTION_COLUMNS, option_rows)
     else:
+        summary = summarize(results)
         record.update({"reference_namid_passes": list(ref.NAMID_PASSES), "results": results, "summary": summary})
         heading += "s/iter is the median step\n\n"
         text = markdown(results)
+        if summary:
+            text += "\n\n| case | ours / reference (throughput) |\n|---|---:|\n" + "\n".join(
+                f"| {key} | {s['ours_over_reference']:.2f}× |" for key, s in summary.items())
+    if not done:
+        heading = "(in progress: the run had not finished when this was written)\n\n" + heading
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     out.with_suffix(".md").write_text(heading + text + "\n")
-    print(f"wrote {out} and {out.with_suffix('.md')}")
     return record
 
 

@@ -1,16 +1,16 @@
-"""The release's per-step work, rebuilt from PAPER.md for timing only: the baseline of ``benchmark.py``.
+"""The release's per-step work, rebuilt for timing only: the baseline of ``benchmark.py``.
 
-Written from the description in PAPER.md (§5–§7, §9), not from the authors' code. It uses the
-same models, estimators, MI bounds and losses as our scripts, on the same batch with the same
-PGD budget, so that a ratio of the two measures only what the release did differently:
+Written from PAPER.md (§5–§7, §9) and from reading the authors' release (dwDavidxd/MIAT:
+``utils/standard_loss.py``, ``train_MIAT.py``); no code is taken from it. It uses the same
+models, estimators, MI bounds and losses as our scripts, on the same batch with the same PGD
+budget, so that a ratio of the two measures only what the release did differently:
 
 - data: numpy uint8 NHWC arrays -> a ``Dataset`` of PIL images through torchvision's
   RandomCrop(pad 4) + RandomHorizontalFlip + ToTensor -> a ``DataLoader`` -> ``.to(device)``
   per batch (ours: uint8 tensors on the device, cropped and flipped as batched tensor ops);
-- attack: the model in eval mode with ``requires_grad=True`` on its parameters, and
-  ``loss.backward()`` for the input gradient, so every PGD step also computes (and
-  accumulates) the parameter gradients, zeroed after the attack; the step is an SGD step on
-  the perturbation (ours: ``torch.autograd.grad`` with respect to the input only);
+- attack: the release's L∞ loop, which is as lean as ours: eval mode, a 0.001·N(0, I) start,
+  ``torch.autograd.grad`` with respect to the input only, a sign step, projection and clamp
+  (only the release's L2 branch, not timed here, back-propagated into the parameters);
 - forwards: a separate target forward for every use of h(x) or h(x̃) (see
   :func:`namid_step`: seven per stage-3 step; ours: two), and each MI term encodes its
   pattern with the local net again (ours: once per pattern);
@@ -70,7 +70,8 @@ class ReleaseImages(Dataset):
         return self.transform(image), int(self.labels[i])
 
 
-def release_loader(images: Tensor, labels: Tensor, batch_size: int, workers: int = 2, seed: int = 0) -> DataLoader:
+def release_loader(images: Tensor, labels: Tensor, batch_size: int, workers: int = 4, seed: int = 0,
+                   pin_memory: bool = False) -> DataLoader:
     """The release's training loader for uint8 (N, C, H, W) ``images``: shuffled, augmented per image."""
     from torchvision import transforms
 
@@ -82,32 +83,25 @@ def release_loader(images: Tensor, labels: Tensor, batch_size: int, workers: int
     ])
     nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
     dataset = ReleaseImages(nhwc, labels.numpy(), transform)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------- attack
 
 def release_pgd(model: nn.Module, x: Tensor, y: Tensor, epsilon: float, step_size: float, num_steps: int) -> Tensor:
-    """L∞ PGD as the release ran it: eval mode, ``loss.backward()`` through the parameters too.
-
-    An SGD optimiser on the perturbation descends −CE along sign(∇); the parameter gradients
-    that every step fills are thrown away by ``model.zero_grad()`` at the end."""
+    """L∞ PGD as the release's stages ran it: eval mode, x + 0.001·N(0, I), then per step the
+    input gradient of CE alone, a sign step, projection onto the ε-ball and [0, 1]."""
     model.eval()
-    delta = torch.empty_like(x).uniform_(-epsilon, epsilon)
-    delta = ((x + delta).clamp(0.0, 1.0) - x).requires_grad_(True)
-    optimizer = torch.optim.SGD([delta], lr=step_size)
+    x_adv = x.detach() + 0.001 * torch.randn_like(x)
     for _ in range(num_steps):
-        optimizer.zero_grad()
-        loss = -F.cross_entropy(model(x + delta), y)
-        loss.backward()
-        delta.grad.sign_()
-        optimizer.step()
-        with torch.no_grad():
-            delta.clamp_(-epsilon, epsilon)
-            delta.copy_((x + delta).clamp(0.0, 1.0) - x)
-    model.zero_grad()
-    return (x + delta).detach()
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x_adv), y)
+        (grad,) = torch.autograd.grad(loss, [x_adv])
+        x_adv = x_adv.detach() + step_size * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - epsilon), x + epsilon).clamp(0.0, 1.0)
+    return x_adv.detach()
 
 
 def _mi(estimator, pattern: Tensor, global_input: Tensor, mode: str) -> Tensor:
