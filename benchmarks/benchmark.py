@@ -553,6 +553,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     name = device_name(device)
+    args.commit = git_commit()  # before the run: the results files it writes would count as changes
     out = Path(args.out) if args.out else default_out(device, "_options" if args.options else "")
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     load = f"; load average {load_before[0]:.1f}" if load_before else ""
@@ -613,9 +614,9 @@ def write_results(args, name: str, device, results: list, out: Path, load_before
     record = {
         "device": name, "device_type": device.type, "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "load_average": {"before": load_before, "after": load_after}, "commit": git_commit(),
+        "load_average": {"before": load_before, "after": load_after}, "commit": args.commit,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": done,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"}, "epsilon": EPSILON,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "commit")}, "epsilon": EPSILON,
     }
     heading = f"Device: {name}, batch {args.batch_size}, {args.iters} timed steps × {args.repeats}; "
     if args.options:
