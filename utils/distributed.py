@@ -2,6 +2,7 @@
 
 ``torchrun --nproc_per_node N script.py ...`` sets WORLD_SIZE, RANK and LOCAL_RANK; without
 them everything here is a no-op and the scripts run as one process."""
+import gc
 import os
 from dataclasses import dataclass
 from typing import List, Tuple
@@ -141,6 +142,9 @@ def shutdown() -> None:
     can abort at exit ("terminate called without an active exception")."""
     global _CONTEXT
     if dist.is_initialized():
+        # DDP's reducer sits in reference cycles: free it now, or it keeps the process group
+        # alive until interpreter teardown, where destroying it can abort the process.
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     _CONTEXT = Context()
