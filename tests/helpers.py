@@ -32,3 +32,18 @@ def assert_user_error(result, *fragments):
     return lines[0]
 
 
+def spy_on_pgd(monkeypatch, module):
+    """Record the named arguments of every attack that ``module`` (a training script) crafts."""
+    import inspect
+
+    real = module.pgd
+    calls = []
+
+    def spy(*a, **k):
+        bound = inspect.signature(real).bind(*a, **k)
+        bound.apply_defaults()
+        calls.append({name: v for name, v in bound.arguments.items() if name not in ("model", "x", "y")})
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, "pgd", spy)
+    return calls

@@ -8,7 +8,7 @@ import torch
 import train_MIAT
 from models import get_model
 from models.estimator import build_estimator
-from tests.helpers import assert_user_error, run_script
+from tests.helpers import assert_user_error, run_script, spy_on_pgd
 from utils.attacks.pgd import pgd
 from utils.estimators import save_estimators
 
@@ -207,23 +207,6 @@ def test_wmim_loss_is_l_adv_minus_alpha_times_mean_standard_mi(mode):
     torch.testing.assert_close(logits.detach(), logits_adv)
 
 
-def _spy_on_pgd(monkeypatch, module):
-    """Record the named arguments of every attack that ``module`` (a training script) crafts."""
-    import inspect
-
-    real = module.pgd
-    calls = []
-
-    def spy(*a, **k):
-        bound = inspect.signature(real).bind(*a, **k)
-        bound.apply_defaults()
-        calls.append({name: v for name, v in bound.arguments.items() if name not in ("model", "x", "y")})
-        return real(*a, **k)
-
-    monkeypatch.setattr(module, "pgd", spy)
-    return calls
-
-
 # How each defense crafts its training examples, as in the TRADES and MART reference code: TRADES ascends
 # the KL divergence from a 0.001·N(0, I) start; Standard AT and MART ascend the cross-entropy from a
 # uniform start in the ε-ball.
@@ -232,7 +215,7 @@ EXPECTED_ATTACK = {"ce": ("ce", "uniform"), "trades": ("kl", "normal"), "mart": 
 
 @pytest.mark.parametrize("kind", ["trades", "mart"])
 def test_adv_loss_flag_picks_the_training_attack(kind, mi_dir, tmp_path, capsys, monkeypatch):
-    calls = _spy_on_pgd(monkeypatch, train_MIAT)
+    calls = spy_on_pgd(monkeypatch, train_MIAT)
     argv = [*BASE, "--adv-loss", kind, "--mi-dir", mi_dir, "--model-dir", tmp_path]
     code, _, err = run_script(capsys, "train_MIAT", argv)
     assert code == 0, err

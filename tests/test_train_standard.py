@@ -6,7 +6,7 @@ import torch
 
 import train_standard
 from tests.conftest import HAVE_FASHION
-from tests.helpers import assert_user_error, run_script
+from tests.helpers import assert_user_error, run_script, spy_on_pgd
 
 SYNTH = ["--dataset", "synthetic", "--arch", "smallcnn", "--batch-size", "32", "--epsilon", "0.1",
          "--num-steps", "2", "--eval-steps", "2", "--lr", "0.05", "--no-progress"]
@@ -303,30 +303,13 @@ def test_loss_flag_picks_the_objective(kind):
     torch.testing.assert_close(logits.detach(), adv)
 
 
-def _spy_on_pgd(monkeypatch):
-    """Record the named arguments of every training attack that train_standard crafts."""
-    import inspect
-
-    real = train_standard.pgd
-    calls = []
-
-    def spy(*a, **k):
-        bound = inspect.signature(real).bind(*a, **k)
-        bound.apply_defaults()
-        calls.append({name: v for name, v in bound.arguments.items() if name not in ("model", "x", "y")})
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_standard, "pgd", spy)
-    return calls
-
-
 # How each defense crafts its training examples, as in the TRADES and MART reference code: TRADES ascends
 # the KL divergence from a 0.001·N(0, I) start; Standard AT and MART ascend the cross-entropy from a
 # uniform start in the ε-ball.
 @pytest.mark.parametrize("kind,attack", [("ce", ("ce", "uniform")), ("trades", ("kl", "normal")),
                                          ("mart", ("ce", "uniform"))])
 def test_loss_flag_picks_the_training_attack(kind, attack, tmp_path, capsys, monkeypatch):
-    calls = _spy_on_pgd(monkeypatch)
+    calls = spy_on_pgd(monkeypatch, train_standard)
     argv = [*TINY, "--epochs", "1", "--loss", kind, "--model-dir", tmp_path]
     code, _, err = run_script(capsys, "train_standard", argv)
     assert code == 0, err
@@ -424,7 +407,7 @@ def test_resume_keeps_the_best_model_of_the_epochs_before_the_crash(tmp_path, ca
 def test_epsilon_ramp_grows_over_the_adversarial_epochs(tmp_path, capsys, monkeypatch):
     """--epsilon-ramp-epochs R: the k-th adversarial epoch trains at ε·k/R until k = R (clean warm-up epochs
     do not count); the attack of each batch uses that budget."""
-    calls = _spy_on_pgd(monkeypatch)
+    calls = spy_on_pgd(monkeypatch, train_standard)
     argv = [*TINY, "--epochs", "3", "--warm-up-epochs", "1", "--epsilon-ramp-epochs", "2", "--model-dir", tmp_path]
     code, _, err = run_script(capsys, "train_standard", argv)
     assert code == 0, err
