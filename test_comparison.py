@@ -279,11 +279,11 @@ def checked_attacks(args):
     except ValueError as err:
         raise UserError(f"--attacks: {err}") from None
     sweeps = sweep_attacks(args, attacks)
-    for a in attacks:
-        if a.norm == "linf" and linf_budget_problem(a.epsilon, "--epsilon"):
-            raise UserError(linf_budget_problem(a.epsilon, "--epsilon"))
-    if any(a.norm == "linf" for a in sweeps) and linf_budget_problem(max(args.eps_sweep), "--eps-sweep"):
-        raise UserError(linf_budget_problem(max(args.eps_sweep), "--eps-sweep"))
+    problems = [linf_budget_problem(a.epsilon, "--epsilon") for a in attacks if a.norm == "linf"]
+    if any(a.norm == "linf" for a in sweeps):
+        problems.append(linf_budget_problem(max(args.eps_sweep), "--eps-sweep"))
+    for problem in filter(None, problems):
+        raise UserError(problem)
     return attacks, sweeps
 
 

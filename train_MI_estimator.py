@@ -71,7 +71,7 @@ def main(argv=None):
             loss_n, loss_a = estimator_loss_paper(*mi, sel.wrong)
         # train_acc is the target's clean accuracy on the (augmented) training batches.
         return loss_n + loss_a, shard.logits_nat, {"train_loss_n": loss_n.detach(), "train_loss_a": loss_a.detach(),
-                                               "train_w_size": sel.wrong.sum(), "train_r_size": sel.right.sum()}
+                                                   "train_w_size": sel.wrong.sum(), "train_r_size": sel.right.sum()}
 
     fit(args, setup, estimators, step, lambda: evaluate_mi_table(setup, estimators, args, not args.no_progress),
         best=estimator_best_files(estimators))

@@ -77,7 +77,7 @@ def main(argv=None):
         loss_n, loss_a = estimator_loss_max(e_n.mi(b.x, b.g_nat, args.mi_mode), e_a.mi(b.n, b.g_adv, args.mi_mode),
                                             sel.correct, fooled)
         return loss_n + loss_a, shard.logits_nat, {"train_loss_n": loss_n.detach(), "train_loss_a": loss_a.detach(),
-                                               "train_c_size": sel.correct.sum(), "train_fooled": fooled.sum()}
+                                                   "train_c_size": sel.correct.sum(), "train_fooled": fooled.sum()}
 
     fit(args, setup, estimators, step, lambda: evaluate_mi_table(setup, estimators, args, progress),
         best=estimator_best_files(estimators))

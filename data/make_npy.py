@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.data import DATASETS, NPY_INFO, DataError, DatasetInfo, Split, load_splits  # noqa: E402
+from utils.training import atomic_write_text  # noqa: E402
 
 
 def split_arrays(split: Split):
@@ -40,9 +41,7 @@ def write_npy(splits: Dict[str, Split], out_dir, info: Optional[DatasetInfo] = N
     if info is not None:
         settings = {"source": info.name, "num_classes": info.num_classes, "crop_padding": info.crop_padding,
                     "flip": info.flip}
-        tmp = out / f".{NPY_INFO}.tmp"
-        tmp.write_text(json.dumps(settings, indent=2) + "\n")
-        os.replace(tmp, out / NPY_INFO)
+        atomic_write_text(out / NPY_INFO, json.dumps(settings, indent=2) + "\n")
     for part in ("train", "test"):
         for kind, array in zip(("images", "labels"), split_arrays(splits[part])):
             path = out / f"{part}_{kind}.npy"

@@ -123,8 +123,8 @@ def finish_attack_args(p: Parser, args: argparse.Namespace) -> argparse.Namespac
         args.step_size = args.epsilon / 4
     if not args.epsilon > 0:
         p.error(f"--epsilon must be positive, got {args.epsilon}")
-    if args.distance == "l_inf" and linf_budget_problem(args.epsilon, "--epsilon"):
-        p.error(linf_budget_problem(args.epsilon, "--epsilon"))
+    if args.distance == "l_inf" and (problem := linf_budget_problem(args.epsilon, "--epsilon")):
+        p.error(problem)
     if not args.step_size > 0:
         p.error(f"--step-size must be positive, got {args.step_size}")
     for flag in ("num_steps", "eval_steps"):

@@ -449,15 +449,11 @@ def _npy_info(root: Path, train_images, train_labels, test_images, test_labels) 
     size, channels = train_images.shape[1], train_images.shape[3]
     top = max(int(labels.max()) if len(labels) else 0 for labels in (train_labels, test_labels))
     # The release's npy files are CIFAR-10, which is flipped.
-    guess = {"num_classes": top + 1, "crop_padding": default_crop_padding(size), "flip": True}
     path = root / NPY_INFO
-    if not path.is_file():
-        return DatasetInfo("npy", guess["num_classes"], channels, size, guess["crop_padding"], guess["flip"])
     try:
-        stored = json.loads(path.read_text())
-        info = DatasetInfo("npy", int(stored.get("num_classes", guess["num_classes"])), channels, size,
-                           int(stored.get("crop_padding", guess["crop_padding"])),
-                           bool(stored.get("flip", guess["flip"])))
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+        info = DatasetInfo("npy", int(stored.get("num_classes", top + 1)), channels, size,
+                           int(stored.get("crop_padding", default_crop_padding(size))), bool(stored.get("flip", True)))
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise DataError(f"cannot read {path}: {_short(exc)}") from None
     if info.num_classes <= top:

@@ -329,7 +329,7 @@ class Run:
         self.generator = generator
         self.select_by = select_by
         self.best_score = -float("inf")
-        writable_dir(self.dir, "--model-dir")
+        self.dir.mkdir(parents=True, exist_ok=True)  # checked writable by the setup, before the data loaded
         self.metrics_path = self.dir / "metrics.jsonl"
         self.last_path = self.dir / "last.pth"
         self.started = time.time()

@@ -161,9 +161,6 @@ def build_attack(name: str, *, epsilon: Optional[float] = None,
         def run(model, x, y, eps):
             # Minimum-norm: ε only enters when the result is counted (robust_mask).
             return cw_l2(model, x, y, **options)
-
-        eps = defaults[norm] if epsilon is None else float(epsilon)
-        return Attack(name=label, norm=norm, epsilon=eps, minimum_norm=True, budget=budget, run=run, epsilon_free=True)
     else:
         norm, minimum, budget = "l2", True, "l2"
         _check_options(label, options, _parameters(ddn, ("init_norm",)))
@@ -174,7 +171,8 @@ def build_attack(name: str, *, epsilon: Optional[float] = None,
             return ddn(model, x, y, init_norm=eps, **options)
 
     eps = defaults[norm] if epsilon is None else float(epsilon)
-    return Attack(name=label, norm=norm, epsilon=eps, minimum_norm=minimum, budget=budget, run=run)
+    return Attack(name=label, norm=norm, epsilon=eps, minimum_norm=minimum, budget=budget, run=run,
+                  epsilon_free=kind == "cw")
 
 
 def robust_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
