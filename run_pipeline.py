@@ -495,6 +495,12 @@ def write_report(pipe: Pipeline, dataset: str) -> None:
         sweep = json.loads((out / "eval" / "eps_sweep.json").read_text())
         lines += ["## Accuracy against ε", "", "![accuracy against epsilon](eps_sweep.png)", "",
                   sweep_markdown(sweep), ""]
+    curves = [(label, model_dir.relative_to(out)) for label, _, _, model_dir, _, _ in pipe.steps
+              if (model_dir / "curves.png").exists()]
+    if curves:
+        lines += ["## Training curves", ""]
+        for label, folder in curves:
+            lines += [f"### {label}", "", f"![{label}: training curves]({folder.as_posix()}/curves.png)", ""]
     lines += ["## Stages", "", "| stage | command | this invocation |", "|---|---|---|", *pipe.log, ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
 

@@ -3,7 +3,7 @@
 L_all = L_adv + α·L_mi with the stage-2 estimators frozen. ``--adv-loss`` picks NAMID (ce),
 NAMID-T (trades) or NAMID-M (mart); ``--no-adv-mi``, ``--no-nat-mi`` and ``--lam 0`` are the
 ablations of Fig. 5; ``--method wmim`` is the WMIM baseline. Writes target_model.pth,
-last.pth, config.json and metrics.jsonl to --model-dir."""
+last.pth, config.json, metrics.jsonl and curves.png to --model-dir."""
 
 import torch
 

@@ -10,7 +10,8 @@ evaluation split: val with --val-size, else test) into metrics.jsonl and mi_tabl
 Model selection: none. The four estimator files are rewritten every epoch (best = last, as
 the release kept its last epoch): the table is a diagnostic, and a wider gap in it need not
 mean a better estimator for stage 3. Writes <model-dir>/local_n_model.pth, global_n_model.pth,
-local_a_model.pth, global_a_model.pth, last.pth, config.json, metrics.jsonl, mi_table.png."""
+local_a_model.pth, global_a_model.pth, last.pth, config.json, metrics.jsonl, mi_table.png,
+curves.png."""
 import torch.nn as nn
 
 from utils.cli import Parser, check_non_negative, number

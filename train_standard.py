@@ -1,7 +1,7 @@
 """Stage 1: adversarially train the target model h_θ0 (PAPER.md §2 and §7).
 
 Standard AT (Madry et al.; ``--loss ce``), TRADES (``--loss trades``) or MART
-(``--loss mart``). Writes <model-dir>/best_model.pth, last.pth, config.json, metrics.jsonl."""
+(``--loss mart``). Writes <model-dir>/best_model.pth, last.pth, config.json, metrics.jsonl, curves.png."""
 
 
 from utils.attacks.pgd import pgd

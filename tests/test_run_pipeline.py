@@ -1,5 +1,6 @@
 """run_pipeline.py: the demo preset end to end on tiny synthetic data, skipping and resuming."""
 import json
+import re
 
 import pytest
 
@@ -19,8 +20,11 @@ def test_demo_runs_end_to_end_and_fills_every_report_section(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     for section in ("## Our results", "## The paper's Table 1", "## MI of natural and adversarial inputs",
                     "### after Eq. 5 training", "### after Eq. 4 (MIM)", "## Accuracy against ε",
-                    "## Stages", "| ε = 0.05 |"):
+                    "## Training curves", "## Stages", "| ε = 0.05 |"):
         assert section in report, section
+    # One picture per stage, each pointing at a file that exists.
+    pictures = re.findall(r"\]\(([^)]*curves\.png)\)", report)
+    assert len(pictures) == 4 and all((tmp_path / p).is_file() for p in pictures)
     assert "| Standard AT |" in report and "| NAMID |" in report and "83.39" in report
     for name in ("standard/best_model.pth", "mi_estimator/global_a_model.pth", "mi_estimator/mi_table.png",
                  "mi_estimator_only_max/mi_table.png", "namid/target_model.pth", "results.json", "eps_sweep.png"):

@@ -118,7 +118,8 @@ def test_one_epoch_trains_estimators_only_and_writes_every_file(pre_target, tmp_
     if files == PAIR_FILES:
         assert record["n_right"] > 0 and record["n_wrong"] > 0  # the fixture's target gives both sets
         assert record["n_right"] + record["n_wrong"] == round(record["clean_acc"] * 32 / 100)
-    assert (out_dir / "mi_table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for picture in ("mi_table.png", "curves.png"):
+        assert (out_dir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
 
 
 def test_resume_equals_an_uninterrupted_run(pre_target, tmp_path, capsys):

@@ -26,7 +26,7 @@ def test_short_real_run_learns_and_writes_every_file(tmp_path, capsys):
     code, out, err = run_script(capsys, "train_standard", argv)
     assert code == 0, err
     run = tmp_path / "run"
-    for name in ("best_model.pth", "last.pth", "config.json", "metrics.jsonl"):
+    for name in ("best_model.pth", "last.pth", "config.json", "metrics.jsonl", "curves.png"):
         assert (run / name).is_file(), name
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
@@ -164,6 +164,15 @@ def test_resume_refuses_changed_flags_and_keeps_the_config(tmp_path, capsys):
     code, _, err = _resume(tmp_path, capsys, ["--epochs", "2", "--channels-last"])
     assert code == 0, err
     assert [json.loads(ln)["epoch"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_curves_that_cannot_be_written_cost_no_epoch(tmp_path, capsys):
+    (tmp_path / "curves.png").mkdir()  # a folder in the picture's place: the rename onto it fails
+    code, _, err = run_script(capsys, "train_standard", [*TINY, "--epochs", "2", "--model-dir", tmp_path])
+    assert code == 0, err
+    assert err.count("could not write") == 2 and "curves.png" in err
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 2
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_fresh_start_refuses_a_folder_holding_a_run(tmp_path, capsys):

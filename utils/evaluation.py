@@ -27,6 +27,7 @@ from tqdm import tqdm
 from utils.attacks.base import attack_mode, lp_norm, unwrap
 from utils.attacks.registry import BUDGET_TOL, Attack
 from utils.data import BatchLoader, Split
+from utils.plots import pyplot, save_figure
 from utils.training import seed_everything
 
 # Above this fraction of zero input gradients in a batch, gradient attacks are blind there.
@@ -474,13 +475,7 @@ def sweep_table(results: Sequence[ModelResult], attacks: Sequence[Attack]) -> st
 
 def plot_sweep(results: Sequence[ModelResult], attacks: Sequence[Attack], path, title: str = "") -> Path:
     """Accuracy (%) against ε, one panel per attack, one line per model; written as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.5 * len(attacks), 3.6), squeeze=False)
     for ax, a in zip(axes[0], attacks):
         scale = 255.0 if a.norm == "linf" else 1.0
@@ -497,9 +492,7 @@ def plot_sweep(results: Sequence[ModelResult], attacks: Sequence[Attack], path, 
     if title:
         fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def attack_settings(attacks: Sequence[Attack]) -> Dict[str, dict]:

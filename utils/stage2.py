@@ -4,10 +4,7 @@ adversarial batch, the epoch loop, the per-epoch Fig. 4 table and its bar chart.
 The scripts keep what is special about them: the estimators they train and their loss."""
 import argparse
 import math
-import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -37,6 +34,7 @@ from utils.estimators import internal_layer, target_outputs
 from utils.mi import mi_per_sample
 from utils.mi_objectives import MITable
 from utils.patterns import select_samples, split_patterns
+from utils.plots import pyplot, save_figure
 from utils.training import (
     FastPath,
     Run,
@@ -233,10 +231,7 @@ def json_safe(metrics: Dict[str, float]) -> Dict[str, Optional[float]]:
 def plot_mi_table(record: dict, path) -> None:
     """Bar chart of one epoch's table, written atomically: the Fig. 4 panels (R, W), or the
     two standard-MI bars when ``record`` holds ``standard_mi_x``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def value(key):
         v = record.get(key)
@@ -266,16 +261,7 @@ def plot_mi_table(record: dict, path) -> None:
     for ax in panels:
         ax.axhline(0.0, color="black", linewidth=0.6)
     fig.tight_layout(rect=(0, 0.07 if len(panels) > 1 else 0, 1, 1))
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- the epoch loop

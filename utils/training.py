@@ -104,7 +104,7 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def _atomic_write(path, write: Callable, binary: bool) -> None:
+def atomic_write(path, write: Callable, binary: bool) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ def _atomic_write(path, write: Callable, binary: bool) -> None:
 
 def atomic_save(obj, path) -> None:
     """``torch.save`` through a temporary file and a rename."""
-    _atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def writable_dir(path, flag: str) -> Path:
@@ -314,12 +314,13 @@ def cross_entropy_step(model: nn.Module) -> StepFn:
 
 
 class Run:
-    """A training run's folder: config.json, metrics.jsonl, the best files and last.pth.
+    """A training run's folder: config.json, metrics.jsonl, curves.png, the best files and last.pth.
 
     ``state`` maps names to objects with ``state_dict``/``load_state_dict`` (model,
     optimizer, scheduler, ...). Each epoch ends by writing, in order, the best files, the
-    metrics line and last.pth, each atomically; last.pth commits the epoch, so a run killed
-    at any moment resumes from the last committed epoch and loses at most the current one."""
+    metrics line and last.pth, each atomically, and then redraws curves.png; last.pth commits
+    the epoch, so a run killed at any moment resumes from the last committed epoch and loses
+    at most the current one."""
 
     def __init__(self, args, state: Dict[str, object], generator: Optional[torch.Generator] = None,
                  select_by: str = "pgd_acc"):
@@ -396,18 +397,34 @@ class Run:
             raise UserError(f"--resume: {self.last_path} was trained with {flags}; resume with the same flags "
                             "or start another --model-dir")
 
-    def _truncate_metrics(self, last_epoch: int) -> None:
+    def records(self) -> list:
+        """The epochs of metrics.jsonl, in order; a line torn by a crash mid-write is skipped (its epoch is redone)."""
         if not self.metrics_path.exists():
-            return
-        kept = []
+            return []
+        found = []
         for line in self.metrics_path.read_text().splitlines():
             try:
                 record = json.loads(line)
-            except ValueError:  # a line torn by a crash mid-write: its epoch is redone
+            except ValueError:
                 continue
-            if isinstance(record, dict) and record.get("epoch", 0) <= last_epoch:
-                kept.append(line)
-        atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in kept))
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+                found.append(record)
+        return found
+
+    def _truncate_metrics(self, last_epoch: int) -> None:
+        if self.metrics_path.exists():
+            kept = [r for r in self.records() if r["epoch"] <= last_epoch]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def _plot_curves(self) -> None:
+        # Imported here: utils.plots writes through this module's atomic_write.
+        from utils.plots import plot_curves
+
+        path = self.dir / "curves.png"
+        try:
+            plot_curves(self.records(), path, title=str(self.dir))
+        except OSError as err:  # the epoch is committed already: a picture is not worth stopping for
+            print(f"warning: could not write {path}: {err}", file=sys.stderr, flush=True)
 
     def end_epoch(self, epoch: int, metrics: dict, best: Dict[str, nn.Module]) -> dict:
         """Save the best files if ``metrics[select_by]`` improved, log the metrics, then last.pth."""
@@ -435,6 +452,7 @@ class Run:
                 for name, obj in self.state.items()}
         ckpt.update(epoch=epoch, best_score=self.best_score, rng=rng_state(self.generator), args=self.config())
         atomic_save(ckpt, self.last_path)
+        self._plot_curves()
         distributed.barrier()
         return record
 
@@ -445,7 +463,7 @@ RESUME_MAY_CHANGE = frozenset({"epochs", "resume", "overwrite", "no_progress", "
 
 
 def atomic_write_text(path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text), binary=False)
+    atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def format_metrics(record: dict) -> str:
