@@ -33,6 +33,7 @@ from utils.training import (
     FastPath,
     UserError,
     atomic_write_text,
+    compiled,
     load_weights,
     resolve_device,
     run_main,
@@ -325,7 +326,7 @@ def main(argv=None):
     def fast(model):
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        return torch.compile(model) if args.compile else model
+        return compiled(model) if args.compile else model
 
     targets = {s["name"]: fast(load_model(s["arch"], s["path"], s["flag"], info, device)) for s in specs}
     surrogate_arch = args.surrogate_arch or DEFAULT_SURROGATE_ARCH

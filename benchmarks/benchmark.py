@@ -550,6 +550,8 @@ def git_commit():
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = resolve(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the scripts run (utils.training.prepare_device); both sides alike
     if args.threads:
         torch.set_num_threads(args.threads)
     name = device_name(device)

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.attacks.base import attack_mode, lp_norm, project, random_start
+from utils.attacks.base import attack_mode, draw, lp_norm, project, random_start
 from utils.attacks.pgd import pgd
 
 
@@ -172,3 +172,13 @@ def test_attack_mode_restores_after_exception():
         with attack_mode(model):
             raise RuntimeError("boom")
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_draw_takes_its_numbers_from_the_generator_and_its_dtype_from_the_input():
+    like = torch.zeros(2, dtype=torch.float64)
+    got = draw(torch.randn, (4, 3), like, torch.Generator().manual_seed(5))
+    assert got.dtype == torch.float64 and got.device == like.device
+    assert torch.equal(got, torch.randn((4, 3), generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    torch.manual_seed(5)
+    assert torch.equal(draw(torch.rand, (3,), like), torch.rand(3, generator=torch.Generator().manual_seed(5),
+                                                                  dtype=torch.float64))

@@ -12,8 +12,9 @@ import torch
 
 import train_standard
 from models import get_model
+from utils.attacks.base import bare_module
 from utils.attacks.pgd import pgd
-from utils.training import FastPath, speed_up
+from utils.training import FastPath, compiled, speed_up
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,19 @@ def one_step_loss(fast: FastPath, flags: dict):
 
 def channels_last(t: torch.Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def test_compiled_leaves_room_for_every_graph_of_a_run(monkeypatch):
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(config, name, 8)  # Dynamo's default; a TRADES NAMID run needs 7 graphs
+    model = torch.nn.Linear(2, 2)
+    wrapped = compiled(model)
+    assert getattr(config, name) >= 32
+    assert wrapped is not model and bare_module(wrapped) is model
+    monkeypatch.setattr(config, name, 64)
+    compiled(model)
+    assert getattr(config, name) == 64  # a larger limit set by the user is kept
 
 
 def test_channels_last_leaves_the_loss_unchanged():
@@ -106,8 +120,10 @@ def test_ddp_gradients_equal_single_process_gradients(tmp_path):
 
 def test_torchrun_training_run_writes_once_and_resumes(tmp_path):
     """train_standard.py under torchrun (2 gloo processes): completes, writes plain checkpoints from
-    the first process only, resumes, and its clean training loss stays within 5 % of one process's
-    (the BN-free SmallCNN draws its dropout masks per process, so the runs are not bit-identical)."""
+    the first process only, and its clean training loss stays within 5 % of one process's (the
+    BN-free SmallCNN draws its dropout masks per process, so the runs are not bit-identical). A
+    resumed run ends with the weights of an uninterrupted one: each process gets back its own RNG
+    state, and the two processes' states differ (each draws its own attack noise)."""
     common = ["--dataset", "synthetic", "--arch", "smallcnn-nobn", "--train-limit", "128", "--test-limit", "64",
               "--batch-size", "16", "--warm-up-epochs", "1", "--num-steps", "1",
               "--eval-steps", "1", "--epsilon", "0.03", "--lr", "0.05", "--no-progress"]
@@ -118,6 +134,15 @@ def test_torchrun_training_run_writes_once_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     resumed = _run([*torchrun, "--epochs", "2", "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = _run([*TORCHRUN, "train_standard.py", *common, "--epochs", "2",
+                     "--model-dir", str(tmp_path / "straight")])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    after_resume = torch.load(tmp_path / "two" / "last.pth", weights_only=True)
+    uninterrupted = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(after_resume["model"][key], value), key
+    first_ranks = uninterrupted["rng_ranks"]
+    assert len(first_ranks) == 2 and not torch.equal(first_ranks[0]["torch"], first_ranks[1]["torch"])
     one = [json.loads(ln) for ln in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(ln) for ln in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in two] == [1, 2]  # one line per epoch: only the first process logs

@@ -68,8 +68,37 @@ def wrap(model: nn.Module, sync_bn: bool = False) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def all_gather_object(obj) -> list:
+    """Every process's ``obj`` (picklable), in rank order; one process: ``[obj]``."""
+    if not _CONTEXT.enabled:
+        return [obj]
+    found = [None] * _CONTEXT.world_size
+    dist.all_gather_object(found, obj)
+    return found
+
+
+def seed_ranks(seed: int) -> None:
+    """Give each process its own stream of attack noise (PGD's random starts), as one process
+    draws independent noise for every sample of the global batch; without this, every process
+    would repeat the first one's draws on its own shard.
+
+    Call it once the models are built: they come from the common seed (DDP and the averaged
+    stage-2 estimators start from the same weights on every process). The first process keeps
+    its stream, so a one-process run is unchanged."""
+    if _CONTEXT.enabled and _CONTEXT.rank > 0:
+        torch.manual_seed(seed + 100_003 * _CONTEXT.rank)  # also seeds every CUDA device
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if _CONTEXT.enabled:
+    """Sum over processes, in place. NCCL reduces CUDA tensors only: a host tensor makes the
+    round trip through this process's GPU (the callers keep their sums on the device anyway)."""
+    if not _CONTEXT.enabled:
+        return tensor
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+        staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+        tensor.copy_(staged)
+    else:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 

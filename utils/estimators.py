@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from models import feature_shapes
 from models.estimator import MIEstimator, build_estimator
+from utils.attacks.base import bare_module
 from utils.training import UserError, atomic_save, load_weights
 
 ESTIMATOR_FILES = {
@@ -60,7 +61,8 @@ def build_one_estimator(args, info, target: nn.Module, device) -> MIEstimator:
     layer = internal_layer(args)
     shape = None
     if layer is not None:
-        shape = feature_shapes(target, (info.in_channels, info.image_size, info.image_size))[layer]
+        # The plain module: a torch.compile wrapper would compile one more graph for this probe.
+        shape = feature_shapes(bare_module(target), (info.in_channels, info.image_size, info.image_size))[layer]
     return build_estimator(info.in_channels, info.num_classes, args.va_hsize, layer, shape).to(device)
 
 

@@ -39,6 +39,7 @@ from utils.training import (
     FastPath,
     Run,
     check_finite,
+    compiled,
     eval_mode,
     format_metrics,
     load_weights,
@@ -115,7 +116,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     if args.channels_last:
         target = target.to(memory_format=torch.channels_last)
     if args.compile:
-        target = torch.compile(target)
+        target = compiled(target)
 
     generator = torch.Generator().manual_seed(args.seed)
     # Augmented as in stage 1, so the estimators see the inputs the target was trained on.
@@ -180,7 +181,7 @@ def _eval_batches(setup: Setup, args, progress: bool):
 
 
 def _accuracies(counts: Tensor, total: int) -> Dict[str, float]:
-    packed = distributed.all_reduce_sum(torch.cat([counts.double(), torch.tensor([float(total)], dtype=torch.float64)]))
+    packed = distributed.all_reduce_sum(torch.cat([counts.double(), counts.new_tensor([total], dtype=torch.float64)]))
     counts, total = packed[:2], float(packed[2])
     clean, robust = (100.0 * counts / max(total, 1)).tolist()
     return {"clean_acc": clean, "pgd_acc": robust}
@@ -190,29 +191,31 @@ def evaluate_mi_table(setup: Setup, estimators: nn.ModuleDict, args, progress: b
     """The Fig. 4 table (PAPER.md §5) on the evaluation split, plus the target's clean/PGD accuracy.
 
     R and W are the frozen target's, under the training attack (``--eval-steps`` steps)."""
-    table, counts, total = MITable(), torch.zeros(2), 0
+    # Counts stay on the device: no host sync per batch, and NCCL reduces CUDA tensors only.
+    table, counts, total = MITable(), torch.zeros(2, device=setup.device), 0
     with eval_mode(estimators):
         for b in _eval_batches(setup, args, progress):
             with torch.no_grad():
                 sel = select_samples(b.logits_nat, b.logits_adv, b.y)
                 table.update(*mi_vectors(estimators, b, args.mi_mode, estimate=True), sel)
-            counts += _correct(b).cpu()
+            counts += _correct(b)
             total += b.y.shape[0]
     return {**table.all_reduce(setup.device).result(), **_accuracies(counts, total)}
 
 
 def evaluate_standard_mi(setup: Setup, estimator: MIEstimator, args, progress: bool = True) -> Dict[str, float]:
     """Mean standard MI Î(x; h(x)) and Î(x̃; h(x̃)) on the evaluation split, plus the target's accuracy."""
-    sums, counts, total = torch.zeros(2, dtype=torch.float64), torch.zeros(2), 0
+    sums = torch.zeros(2, dtype=torch.float64, device=setup.device)
+    counts, total = torch.zeros(2, device=setup.device), 0
     with eval_mode(estimator):
         for b in _eval_batches(setup, args, progress):
             with torch.no_grad():
                 mi_x = estimator.mi(b.x, b.g_nat, args.mi_mode, estimate=True)
                 mi_xadv = estimator.mi(b.x_adv, b.g_adv, args.mi_mode, estimate=True)
-            sums += torch.stack([mi_x.sum(), mi_xadv.sum()]).double().cpu()
-            counts += _correct(b).cpu()
+            sums += torch.stack([mi_x.sum(), mi_xadv.sum()]).double()
+            counts += _correct(b)
             total += b.y.shape[0]
-    packed = distributed.all_reduce_sum(torch.cat([sums, torch.tensor([float(total)], dtype=torch.float64)]))
+    packed = distributed.all_reduce_sum(torch.cat([sums, sums.new_tensor([total])]))
     means = (packed[:2] / max(float(packed[2]), 1)).tolist()
     return {"standard_mi_x": means[0], "standard_mi_xadv": means[1], **_accuracies(counts, total)}
 

@@ -76,8 +76,8 @@ def rng_state(generator: Optional[torch.Generator] = None) -> dict:
         "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
         "numpy_pos": int(np_state[2]),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():  # this process's GPU: under torchrun the others belong to other processes
+        state["cuda"] = torch.cuda.get_rng_state()
     if generator is not None:
         state["generator"] = generator.get_state()
     return state
@@ -87,8 +87,13 @@ def set_rng_state(state: dict, generator: Optional[torch.Generator] = None) -> N
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # an older last.pth: one state per GPU it saw
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"])
 
@@ -266,7 +271,7 @@ def train_epoch(model: nn.Module, loader, step: StepFn, optimizer, desc: str,
         meter.add("train_loss", loss, n)
         meter.add("train_acc", (logits.argmax(dim=1) == y).float().mean() * 100, n)
         for name, value in extra.items():
-            meter.add(name, torch.as_tensor(value), 1.0)
+            meter.add(name, torch.as_tensor(value, device=y.device), 1.0)
     return meter.result()
 
 
@@ -298,8 +303,8 @@ def evaluate(model: nn.Module, loader, epsilon: float, step_size: float, num_ste
                     robust = (net(x_adv).argmax(dim=1) == y).sum()
             batch = torch.stack([clean, robust, torch.tensor(y.shape[0], device=y.device)]).double()
             counts = batch if counts is None else counts + batch
-    if counts is None:
-        counts = torch.zeros(3, dtype=torch.float64)
+    if counts is None:  # an empty shard still joins the reduction, on the device NCCL needs
+        counts = torch.zeros(3, dtype=torch.float64, device=getattr(loader, "device", "cpu"))
     distributed.all_reduce_sum(counts)
     clean_acc, pgd_acc = (100.0 * counts[:2] / counts[2].clamp_min(1)).tolist()
     return {"clean_acc": clean_acc, "pgd_acc": pgd_acc}
@@ -355,6 +360,7 @@ class Run:
                     self.metrics_path.unlink()
                 self._write_config()
             distributed.barrier()
+            distributed.seed_ranks(getattr(self.args, "seed", 0))
             return 1
         ckpt = load_checkpoint(self.last_path, "--resume")
         if not isinstance(ckpt, dict) or "epoch" not in ckpt:
@@ -370,7 +376,7 @@ class Run:
                 detail = " ".join(str(err).split())
                 raise UserError(f"--resume: {self.last_path} does not fit this run's {name}: {detail[:200]}") from None
         self.best_score = ckpt.get("best_score", -float("inf"))
-        set_rng_state(ckpt["rng"], self.generator)
+        set_rng_state(self._own_rng(ckpt), self.generator)
         if main:
             self._truncate_metrics(ckpt["epoch"])
             self._write_config()
@@ -379,6 +385,15 @@ class Run:
                       "train (raise --epochs to continue)", flush=True)
         distributed.barrier()
         return ckpt["epoch"] + 1
+
+    @staticmethod
+    def _own_rng(ckpt: dict) -> dict:
+        """This process's RNG state: its own entry when the run had as many processes, else the first's."""
+        ctx = distributed.context()
+        per_rank = ckpt.get("rng_ranks")
+        if isinstance(per_rank, list) and len(per_rank) == ctx.world_size:
+            return per_rank[ctx.rank]
+        return ckpt["rng"]
 
     def _write_config(self) -> None:
         atomic_write_text(self.dir / "config.json", json.dumps(self.config(), indent=2, sort_keys=True) + "\n")
@@ -432,6 +447,7 @@ class Run:
         improved = score > self.best_score
         record = {"epoch": epoch, **metrics, "best": improved,
                   "selected_on": "val" if getattr(self.args, "val_size", 0) else "test"}
+        rngs = distributed.all_gather_object(rng_state(self.generator))  # each process resumes its own
         if not distributed.context().is_main:
             self.best_score = max(score, self.best_score)
             distributed.barrier()
@@ -450,7 +466,9 @@ class Run:
                 atomic_save(state_dict(module), self.dir / f"{stem}_epoch{epoch}.pth")
         ckpt = {name: (state_dict(obj) if isinstance(obj, nn.Module) else obj.state_dict())
                 for name, obj in self.state.items()}
-        ckpt.update(epoch=epoch, best_score=self.best_score, rng=rng_state(self.generator), args=self.config())
+        ckpt.update(epoch=epoch, best_score=self.best_score, rng=rngs[0], args=self.config())
+        if len(rngs) > 1:
+            ckpt["rng_ranks"] = rngs
         atomic_save(ckpt, self.last_path)
         self._plot_curves()
         distributed.barrier()
@@ -537,8 +555,21 @@ def speed_up(model: nn.Module, args) -> nn.Module:
             raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU implementation)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if getattr(args, "compile", False):
-        model = torch.compile(model)
+        model = compiled(model)
     return distributed.wrap(model)
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)``, with room for every graph a run needs.
+
+    Dynamo compiles one graph per combination it meets: train or eval mode, parameter
+    gradients on or off (attacks switch them off), grad mode, input gradients, and the smaller
+    last batch. A NAMID run with TRADES needs 7; past the default limit of 8, Dynamo would
+    fall back to eager mode without a word."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 32))
+    return torch.compile(model)
 
 
 def shard(split, ctx=None):

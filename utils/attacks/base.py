@@ -83,13 +83,22 @@ def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad / norms.view(-1, *([1] * (grad.dim() - 1)))
 
 
+def draw(sample, shape, like: torch.Tensor, generator=None) -> torch.Tensor:
+    """``sample`` (torch.rand or torch.randn) of ``shape``, with ``like``'s dtype and device.
+
+    The numbers come from ``generator`` on its own device and are then moved: a generator
+    cannot draw on another device, and a CPU generator must serve CUDA inputs too."""
+    device = generator.device if generator is not None else like.device
+    return sample(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
 def random_start(x: torch.Tensor, epsilon: float, norm: str, generator=None) -> torch.Tensor:
     """A uniform draw from the ε-ball (L∞: the cube; L2: uniform in the ball)."""
     if canonical_norm(norm) == "linf":
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        u = draw(torch.rand, x.shape, x, generator)
         return (2 * u - 1) * epsilon
     n = x[0].numel()
-    d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    d = draw(torch.randn, x.shape, x, generator)
     d = d / d.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-    r = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / n)
+    r = draw(torch.rand, (x.shape[0],), x, generator) ** (1.0 / n)
     return d * (epsilon * r).view(-1, *([1] * (x.dim() - 1)))

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import attack_mode, unwrap
+from .base import attack_mode, draw, unwrap
 
 
 def ddn(
@@ -68,8 +68,7 @@ def ddn(
                 # A random direction where the gradient is exactly 0; drawn every step, so the
                 # loop never waits on the device to ask whether one is needed.
                 dead = grad.flatten(1).norm(dim=1) == 0
-                noise = torch.randn(grad.shape, generator=generator, device=x.device, dtype=x.dtype)
-                grad = torch.where(dead.view(flat), noise, grad)
+                grad = torch.where(dead.view(flat), draw(torch.randn, grad.shape, x, generator), grad)
                 grad_norm = grad.flatten(1).norm(dim=1)
                 delta = delta + step * grad / grad_norm.view(flat)
                 norm = norm * torch.where(is_adv, 1 - gamma, 1 + gamma)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import ascent_direction, attack_mode, canonical_norm, project, unwrap
+from .base import ascent_direction, attack_mode, canonical_norm, draw, project, unwrap
 from .base import random_start as uniform_start
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,8 +67,7 @@ def pgd(
         if random_start is True or random_start == "uniform":
             delta = uniform_start(x, epsilon, norm, generator)
         elif random_start == "normal":
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            delta = TRADES_START_STD * noise
+            delta = TRADES_START_STD * draw(torch.randn, x.shape, x, generator)
         elif random_start is False or random_start is None:
             delta = torch.zeros_like(x)
         else:
