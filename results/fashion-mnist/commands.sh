@@ -41,3 +41,9 @@ for pair in "standard_seed1|Standard AT (seed 1)" "namid_seed1|NAMID (seed 1)"; 
         --model-dir results/fashion-mnist/$dir --name "$name" \
         --out results/fashion-mnist/eval/aa500_$dir.json --md results/fashion-mnist/eval/aa500_$dir.md --no-progress
 done
+
+# L2 attacks (PGD-40, CW, DDN at epsilon 0.5) on all 10,000 test images, seed 0 (about 28 minutes on one core):
+OMP_NUM_THREADS=1 python test_comparison.py --dataset fashion-mnist --data-dir data --arch smallcnn \
+    --channels-last --attacks all-l2 --batch-size 500 \
+    --model-dir results/fashion-mnist/standard --name 'Standard AT' --model-dir results/fashion-mnist/namid --name NAMID \
+    --out results/fashion-mnist/eval/l2.json --md results/fashion-mnist/eval/l2.md --no-progress
