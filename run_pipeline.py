@@ -156,7 +156,7 @@ class Pipeline:
             return
         began = time.time()
         module.main(argv)
-        self.note(label, name, argv, f"ran, {time.time() - began:.0f} s")
+        self.note(label, name, argv, f"{'resumed' if state == 'resume' else 'ran'}, {time.time() - began:.0f} s")
 
     def note(self, label: str, script: str, argv: List[str], what: str) -> None:
         """A row of report.md's stage table: every stage's full command, and what this invocation did."""
@@ -243,6 +243,9 @@ def drop_flag(argv: List[str], flag: str) -> List[str]:
     return out
 
 
+DISPLAY_FLAGS = frozenset({"--no-progress", "--no_progress"})
+
+
 def eval_is_current(out: Path, argv: List[str], model_dirs: List[Path]) -> bool:
     """An evaluation file counts as done when it was made by the same command and is newer than
     every checkpoint it evaluated (a stage retrained or extended since makes it stale)."""
@@ -252,7 +255,10 @@ def eval_is_current(out: Path, argv: List[str], model_dirs: List[Path]) -> bool:
         stored = json.loads(out.read_text())["settings"]["argv"]
     except (ValueError, KeyError, TypeError):
         return False
-    if [str(a) for a in stored] != [str(a) for a in argv]:
+    def significant(args):  # a progress bar shown or not changes no number
+        return [str(a) for a in args if str(a) not in DISPLAY_FLAGS]
+
+    if significant(stored) != significant(argv):
         return False
     made = out.stat().st_mtime
     checkpoints = [f for d in model_dirs for f in d.glob("*.pth") if f.name != "last.pth"]
@@ -336,9 +342,14 @@ def check_seed(model_dir: Path, seed: int) -> None:
 
 def stage_state(model_dir: Path, output: str, epochs: int) -> str:
     """"done" when last.pth has reached ``epochs`` and ``output`` exists; "resume" when a last.pth
-    from an earlier epoch exists; "replace" when last.pth is unreadable; "fresh" otherwise."""
+    from an earlier epoch exists; "replace" when last.pth is unreadable; "fresh" when the folder
+    holds no run. A run's metrics without its last.pth is refused: it would be overwritten."""
     last = model_dir / "last.pth"
     if not last.is_file():
+        metrics = model_dir / "metrics.jsonl"
+        if metrics.is_file() and metrics.read_text().strip():
+            raise UserError(f"{model_dir} holds the metrics.jsonl of a run but no last.pth to resume it from "
+                            "(committed results keep no checkpoints): choose another --out-dir")
         return "fresh"
     try:
         epoch = torch.load(last, map_location="cpu", weights_only=True).get("epoch", 0)
@@ -439,6 +450,7 @@ def plan(pipe: Pipeline, methods, seeds: List[int], ablations: bool) -> List[tup
 def main(argv=None):
     p = build_parser()
     args, extra = p.parse_known_args(argv)
+    args.command = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # for report.md
     modules = (train_standard, train_MI_estimator, train_MI_estimator_only_max, train_MIAT, test_comparison)
     check_overrides(extra, modules)
     stage_flags = [*extra, *(t for stage in ("stage1", "stage2", "stage3") for t in
@@ -477,7 +489,7 @@ def main(argv=None):
 def write_report(pipe: Pipeline, dataset: str) -> None:
     out = pipe.out
     lines = [f"# NAMID pipeline report: preset `{pipe.args.preset}`", "",
-             f"Dataset: **{dataset}**. Command: `python run_pipeline.py {' '.join(sys.argv[1:])}`", "",
+             f"Dataset: **{dataset}**. Command: `python run_pipeline.py {shlex.join(pipe.args.command)}`", "",
              "## Our results", "", (out / "results.md").read_text().strip(), ""]
     paper = PAPER_TINY if dataset == "tiny-imagenet" else PAPER_LINF
     setting = "Tiny-ImageNet" if dataset == "tiny-imagenet" else "CIFAR-10"

@@ -177,6 +177,8 @@ def parse_args(argv=None):
         p.error("--attacks names no attack")
     if args.sweep_attacks is not None and args.eps_sweep is None:
         p.error("--sweep-attacks needs --eps-sweep")
+    if args.plot is not None and args.eps_sweep is None:
+        p.error("--plot draws the --eps-sweep curves: it needs --eps-sweep")
     return args
 
 
@@ -221,8 +223,10 @@ def resolve_models(args):
         else:
             file = path
             default_name = path.stem
-        out.append({"name": m["name"] or args.name, "default": default_name, "arch": m["arch"] or args.arch
-                    or DEFAULT_ARCH, "path": file, "flag": m["flag"], "given": str(m["path"])})
+        # No --arch given: the one the run was trained with, as its config.json recorded it.
+        arch = m["arch"] or args.arch or run_config(file.parent).get("arch") or DEFAULT_ARCH
+        out.append({"name": m["name"] or args.name, "default": default_name, "arch": arch,
+                    "path": file, "flag": m["flag"], "given": str(m["path"])})
     stems = [m["default"] for m in out]
     for m in out:
         if m["name"] is None:
@@ -235,10 +239,23 @@ def resolve_models(args):
     return out
 
 
-def load_model(arch, path, flag, info, device):
+def load_model(arch, path, flag, info, device, arch_flag="--arch"):
     model = get_model(arch, num_classes=info.num_classes, in_channels=info.in_channels)
-    load_weights(model, path, flag, f"--arch {arch} ({info.num_classes} classes, {info.in_channels} channels)")
+    what = f"{arch_flag} {arch} ({info.num_classes} classes, {info.in_channels} channels)"
+    trained = run_config(Path(path).parent).get("arch")
+    if trained and trained != arch:
+        what += f"; its run's config.json says --arch {trained}"
+    load_weights(model, path, flag, what)
     return model.to(device).eval()
+
+
+def run_config(folder: Path) -> dict:
+    """The flags a training run recorded in its config.json ({} when there is none or it is unreadable)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def versions():
@@ -282,7 +299,7 @@ def checked_attacks(args):
     sweeps = sweep_attacks(args, attacks)
     problems = [linf_budget_problem(a.epsilon, "--epsilon") for a in attacks if a.norm == "linf"]
     if any(a.norm == "linf" for a in sweeps):
-        problems.append(linf_budget_problem(max(args.eps_sweep), "--eps-sweep"))
+        problems += [linf_budget_problem(e, "--eps-sweep") for e in args.eps_sweep]  # the first bad one is named
     for problem in filter(None, problems):
         raise UserError(problem)
     return attacks, sweeps
@@ -330,7 +347,8 @@ def main(argv=None):
 
     targets = {s["name"]: fast(load_model(s["arch"], s["path"], s["flag"], info, device)) for s in specs}
     surrogate_arch = args.surrogate_arch or DEFAULT_SURROGATE_ARCH
-    surrogate = (fast(load_model(surrogate_arch, args.surrogate, "--surrogate", info, device)) if args.surrogate
+    surrogate = (fast(load_model(surrogate_arch, args.surrogate, "--surrogate", info, device, "--surrogate-arch"))
+                 if args.surrogate
                  else None)
 
     report = Report()

@@ -26,6 +26,8 @@ def test_demo_runs_end_to_end_and_fills_every_report_section(tmp_path, capsys):
     pictures = re.findall(r"\]\(([^)]*curves\.png)\)", report)
     assert len(pictures) == 4 and all((tmp_path / p).is_file() for p in pictures)
     assert "| Standard AT |" in report and "| NAMID |" in report and "83.39" in report
+    # The command as it can be pasted back: quoted where a value holds spaces.
+    assert "--eval-args '--attacks pgd5 --n-examples 16'" in report
     for name in ("standard/best_model.pth", "mi_estimator/global_a_model.pth", "mi_estimator/mi_table.png",
                  "mi_estimator_only_max/mi_table.png", "namid/target_model.pth", "results.json", "eps_sweep.png"):
         assert (tmp_path / name).is_file(), name
@@ -52,6 +54,27 @@ def test_interrupted_stage_resumes(tmp_path, capsys):
     assert "NAMID: train_MIAT.py" in out and "(resuming)" in out
     lines = (tmp_path / "namid" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2]
+    assert "| resumed, " in (tmp_path / "report.md").read_text()
+
+
+def test_a_run_without_its_checkpoints_is_refused_not_overwritten(tmp_path, capsys):
+    """Committed results keep config.json and metrics.jsonl but no .pth: the pipeline must not
+    take such a folder for an empty one."""
+    (tmp_path / "standard").mkdir()
+    finished = '{"epoch": 1, "train_loss": 1.0}\n'
+    (tmp_path / "standard" / "metrics.jsonl").write_text(finished)
+    result = run_script(capsys, "run_pipeline", [*TINY, "--out-dir", tmp_path])
+    assert_user_error(result, str(tmp_path / "standard"), "last.pth", "--out-dir")
+    assert (tmp_path / "standard" / "metrics.jsonl").read_text() == finished
+
+
+def test_a_progress_bar_does_not_make_an_evaluation_stale(tmp_path):
+    from run_pipeline import eval_is_current
+
+    out = tmp_path / "e.json"
+    out.write_text(json.dumps({"settings": {"argv": ["--model-dir", "m", "--no-progress"]}}))
+    assert eval_is_current(out, ["--model-dir", "m"], [])
+    assert not eval_is_current(out, ["--model-dir", "other"], [])
 
 
 def test_unknown_override_is_one_line(tmp_path, capsys):

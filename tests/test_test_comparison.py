@@ -330,7 +330,8 @@ def test_n_examples_takes_the_first_n_in_order(test_split, tmp_path, capsys):
 
 BAD_INPUT = ["unknown attack", "missing checkpoint", "mismatched arch", "too many examples", "no model",
              "sweep mixing norms", "linf epsilon on the 0-255 scale", "linf sweep on the 0-255 scale",
-             "custom AutoAttack", "--out is a folder"]
+             "custom AutoAttack", "--out is a folder", "checkpoint is a folder", "plot without a sweep",
+             "surrogate of another arch"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
@@ -340,14 +341,18 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys, case):
         "unknown attack": ([*ok, "--attacks", "pgd5,foo"], ["'foo'"]),
         "missing checkpoint": (["--checkpoint", tmp_path / "missing.pth", "--arch", "smallcnn"], ["no checkpoint"]),
         "mismatched arch": (["--checkpoint", trained / "best_model.pth", "--arch", "resnet18"],
-                            ["does not fit", "resnet18"]),
+                            ["does not fit", "resnet18", "config.json says --arch smallcnn"]),
         "too many examples": ([*ok, "--n-examples", "65"], ["--n-examples 65", "64"]),
         "no model": (["--attacks", "pgd1"], ["no model"]),
         "sweep mixing norms": ([*ok, "--sweep-attacks", "pgd2,ddn", "--eps-sweep", "0,0.1"], ["different norms"]),
         "linf epsilon on the 0-255 scale": ([*ok, "--epsilon", "8"], ["--epsilon", "8/255"]),
-        "linf sweep on the 0-255 scale": ([*ok, "--eps-sweep", "0,4,8"], ["--eps-sweep", "8/255"]),
+        "linf sweep on the 0-255 scale": ([*ok, "--eps-sweep", "0,4,8"], ["--eps-sweep 4", "4/255"]),
         "custom AutoAttack": ([*ok, "--aa-version", "custom"], ["--aa-version"]),
         "--out is a folder": ([*ok, "--out", tmp_path], ["--out", "folder"]),
+        "checkpoint is a folder": (["--checkpoint", trained, "--arch", "smallcnn"], ["is a folder", "--model-dir"]),
+        "plot without a sweep": ([*ok, "--plot", tmp_path / "p.png"], ["--plot", "--eps-sweep"]),
+        "surrogate of another arch": ([*ok, "--surrogate", trained / "best_model.pth"],
+                                      ["--surrogate", "does not fit --surrogate-arch vgg19", "config.json"]),
     }[case]
     assert_user_error(_run(capsys, argv), *fragments)
 
@@ -556,3 +561,18 @@ def test_markdown_table_and_epsilon_format():
     assert rows == [{"model": "m", "clean": "50.00", "pgd40": "25.00", "worst case": "25.00"}]
     assert ev.format_epsilon(8 / 255, "linf") == "8/255"
     assert ev.format_epsilon(0.5, "l2") == "0.5"
+
+
+def test_accuracy_is_exact_from_the_count():
+    mask = torch.zeros(200, dtype=torch.bool)
+    mask[:113] = True
+    assert ev.accuracy(mask) == 56.5  # a float32 mean gives 56.49999976158142
+    assert ev.accuracy(torch.zeros(0, dtype=torch.bool)) == 0.0
+
+
+def test_a_run_folder_brings_its_arch(trained, tmp_path, capsys):
+    """Without --arch, a model is built as its run's config.json says (smallcnn here, not resnet18)."""
+    code, _, err = _run(capsys, ["--model-dir", trained, "--attacks", "pgd1", "--n-examples", "8",
+                                 "--out", tmp_path / "a.json"])
+    assert code == 0, err
+    assert [m["arch"] for m in _json(tmp_path / "a.json")["models"]] == ["smallcnn"]

@@ -115,6 +115,7 @@ def test_one_epoch_trains_estimators_only_and_writes_every_file(pre_target, tmp_
     for key in [*keys, "epoch", "lr", "train_loss", "clean_acc", "pgd_acc"]:
         assert key in record, key
     assert math.isfinite(record["train_loss"])
+    assert (record["selected_on"], record["evaluated_on"]) == ("last epoch", "test")  # --val-size 0 here
     if files == PAIR_FILES:
         assert record["n_right"] > 0 and record["n_wrong"] > 0  # the fixture's target gives both sets
         assert record["n_right"] + record["n_wrong"] == round(record["clean_acc"] * 32 / 100)

@@ -1,5 +1,8 @@
 """train_standard.py end to end: files, accuracy, resume, and every bad-input case."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from tests.helpers import assert_user_error, run_script, spy_on_pgd
 SYNTH = ["--dataset", "synthetic", "--arch", "smallcnn", "--batch-size", "32", "--epsilon", "0.1",
          "--num-steps", "2", "--eval-steps", "2", "--lr", "0.05", "--no-progress"]
 # Two training batches an epoch (64 images less the default hold-out of 6) and 32 test images.
+ROOT = Path(__file__).resolve().parents[1]
 TINY = [*SYNTH, "--train-limit", "64", "--test-limit", "32"]
 
 
@@ -173,6 +177,43 @@ def test_curves_that_cannot_be_written_cost_no_epoch(tmp_path, capsys):
     assert err.count("could not write") == 2 and "curves.png" in err
     assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 2
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ctrl_c_advises_resume_only_when_an_epoch_was_kept(tmp_path, capsys, monkeypatch):
+    import utils.training as training
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_epoch", interrupted)
+    code, _, err = run_script(capsys, "train_standard", [*TINY, "--epochs", "2", "--model-dir", tmp_path])
+    assert code == 130 and "--resume" not in err and "run the same command again" in err
+    # As advised: the same command runs, since no epoch of the first attempt was kept.
+    monkeypatch.undo()
+    code, _, err = run_script(capsys, "train_standard", [*TINY, "--epochs", "2", "--model-dir", tmp_path])
+    assert code == 0, err
+
+
+def test_a_run_without_last_pth_is_not_overwritten(tmp_path, capsys):
+    argv = [*TINY, "--epochs", "1", "--model-dir", tmp_path]
+    code, _, err = run_script(capsys, "train_standard", argv)
+    assert code == 0, err
+    (tmp_path / "last.pth").unlink()  # as in a committed run, whose checkpoints are left out
+    before = (tmp_path / "metrics.jsonl").read_text()
+    assert_user_error(run_script(capsys, "train_standard", argv), "metrics.jsonl", "last.pth", "--overwrite")
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    code, _, err = run_script(capsys, "train_standard", [*argv, "--overwrite"])
+    assert code == 0, err
+
+
+def test_a_closed_output_pipe_ends_quietly():
+    """``script | head``: the reader goes away; no traceback, exit status 141 (128 + SIGPIPE)."""
+    code = "from utils.training import run_main\nrun_main(lambda: [print('x' * 99) for _ in range(10 ** 6)])"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""
 
 
 def test_fresh_start_refuses_a_folder_holding_a_run(tmp_path, capsys):
@@ -366,7 +407,7 @@ def test_best_model_is_the_best_scoring_epoch_on_the_selection_split(val_size, s
     assert left == [] and sizes == [size] * 3  # each epoch scored on the held-out split (or the test split)
     records = _records(tmp_path)
     assert [r["best"] for r in records] == [True, True, False]
-    assert {r["selected_on"] for r in records} == {split}
+    assert {(r["selected_on"], r["evaluated_on"]) for r in records} == {(split, split)}
     assert _same_weights(tmp_path / "best_model.pth", tmp_path / "model_epoch2.pth")
     assert not _same_weights(tmp_path / "best_model.pth", tmp_path / "model_epoch3.pth")
     assert torch.load(tmp_path / "last.pth", weights_only=True)["best_score"] == 70

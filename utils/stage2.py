@@ -68,8 +68,8 @@ def add_stage2_args(p: Parser, *, model_dir: str, epochs: int, batch_size: int, 
     for action in p._actions:
         if action.dest == "eval_steps":
             action.help = "PGD steps for the per-epoch table and accuracy (default: --num-steps, the same attack)"
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--epochs", type=int, default=epochs, help="estimator training epochs")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="images per step")
     p.add_argument("--lr-mi", type=number, default=1e-2, help="Adam learning rate of the estimators")
     p.add_argument("--lr-milestones", type=int, nargs="*", default=list(milestones),
                    help="epochs at which the learning rate is multiplied by --lr-gamma")

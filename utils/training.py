@@ -27,12 +27,25 @@ class UserError(Exception):
     """A mistake in the user's input. Scripts print its one-line message and exit with 2."""
 
 
-def run_main(main: Callable[[], None],
-             interrupted: str = "interrupted; the last finished epoch is kept, continue with --resume") -> None:
+# The last.pth of the run this process is training, for the advice after Ctrl-C.
+_LAST_CHECKPOINT: Optional[Path] = None
+
+
+def interrupted_run() -> str:
+    """What a training script says after Ctrl-C: --resume only where there is an epoch to resume."""
+    if _LAST_CHECKPOINT is not None and _LAST_CHECKPOINT.is_file():
+        return "interrupted; the last finished epoch is kept, continue with --resume"
+    return "interrupted before an epoch finished, so there is nothing to resume: run the same command again"
+
+
+def run_main(main: Callable[[], None], interrupted: Optional[str] = None) -> None:
     """Run a script's main: user mistakes become one line on stderr and exit status 2; Ctrl-C
-    prints ``interrupted`` and exits with 130."""
+    prints ``interrupted`` (by default, the advice of :func:`interrupted_run`) and exits with
+    130; a closed output pipe (``| head``) ends the script quietly."""
     from utils.data import DataError  # local: data imports torchvision, which is slow to import
 
+    global _LAST_CHECKPOINT
+    _LAST_CHECKPOINT = None  # set by this script's Run, not by one an earlier call made in this process
     prog = Path(sys.argv[0]).name
     # Under torchrun every process meets the same mistake: one of them says so.
     speaks = os.environ.get("RANK", "0") == "0"
@@ -47,8 +60,12 @@ def run_main(main: Callable[[], None],
         sys.exit(2)
     except KeyboardInterrupt:
         if speaks:
-            print(f"{prog}: {interrupted}", file=sys.stderr)
+            print(f"{prog}: {interrupted or interrupted_run()}", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader has gone: silence the interpreter's own flush of stdout at exit too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -148,6 +165,9 @@ def writable_dir(path, flag: str) -> Path:
 def load_checkpoint(path, flag: str):
     """Load with ``weights_only=True``: a checkpoint holding code is refused, never run."""
     path = Path(path)
+    if path.is_dir():
+        hint = ": give it as --model-dir, or name the .pth file" if flag == "--checkpoint" else ""
+        raise UserError(f"{flag}: {path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise UserError(f"{flag}: no checkpoint at {path}")
     try:
@@ -339,6 +359,8 @@ class Run:
         self.metrics_path = self.dir / "metrics.jsonl"
         self.last_path = self.dir / "last.pth"
         self.started = time.time()
+        global _LAST_CHECKPOINT
+        _LAST_CHECKPOINT = self.last_path
 
     def config(self) -> dict:
         return {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
@@ -352,9 +374,13 @@ class Run:
         writes files."""
         main = distributed.context().is_main
         if not getattr(self.args, "resume", False):
-            if self.last_path.exists() and not getattr(self.args, "overwrite", False):
-                raise UserError(f"--model-dir {self.dir} already holds a run (last.pth): add --resume to continue "
-                                "it, --overwrite to replace it, or choose another --model-dir")
+            if not getattr(self.args, "overwrite", False):
+                if self.last_path.exists():
+                    raise UserError(f"--model-dir {self.dir} already holds a run (last.pth): add --resume to "
+                                    "continue it, --overwrite to replace it, or choose another --model-dir")
+                if self.records():  # e.g. a committed run whose checkpoints were left out
+                    raise UserError(f"--model-dir {self.dir} holds the metrics.jsonl of a run but no last.pth to "
+                                    "resume: add --overwrite to replace it, or choose another --model-dir")
             if main:
                 if self.metrics_path.exists():
                     self.metrics_path.unlink()
@@ -445,8 +471,10 @@ class Run:
         """Save the best files if ``metrics[select_by]`` improved, log the metrics, then last.pth."""
         score = metrics[self.select_by]
         improved = score > self.best_score
-        record = {"epoch": epoch, **metrics, "best": improved,
-                  "selected_on": "val" if getattr(self.args, "val_size", 0) else "test"}
+        split = "val" if getattr(self.args, "val_size", 0) else "test"
+        # Stage 2 selects by epoch number: its files are the last epoch's, whatever the metrics say.
+        record = {"epoch": epoch, **metrics, "best": improved, "evaluated_on": split,
+                  "selected_on": "last epoch" if self.select_by == "epoch" else split}
         rngs = distributed.all_gather_object(rng_state(self.generator))  # each process resumes its own
         if not distributed.context().is_main:
             self.best_score = max(score, self.best_score)
