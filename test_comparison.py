@@ -277,8 +277,15 @@ def caption(args, n, dataset, attacks, surrogate_arch):
     eps = ", ".join(f"{a.name} {format_epsilon(a.epsilon, a.norm)} ({a.budget})" for a in attacks)
     mode = (f"black-box, crafted on the surrogate {surrogate_arch} ({args.surrogate})" if args.surrogate
             else "white-box")
-    return (f"Accuracy (%) on the first {n} test images of {dataset}; {mode}. ε: {eps}. "
+    return (f"Accuracy (%) on the {examples_phrase(args, n)} of {dataset}; {mode}. ε: {eps}. "
             "Worst case: correct under every attack, per example.")
+
+
+def examples_phrase(args, n: int) -> str:
+    """Which test images were evaluated: --test-limit draws a seeded subset before the first N are taken."""
+    if args.test_limit:
+        return f"first {n} of a seeded subset of {args.test_limit} test images (--test-limit)"
+    return f"first {n} test images"
 
 
 def default_plot_path(args) -> Path:
@@ -367,7 +374,7 @@ def main(argv=None):
     plot = None
     if sweeps:
         text += "\nAccuracy (%) against ε:\n\n" + sweep_table(ordered, sweeps) + "\n"
-        plot = plot_sweep(ordered, sweeps, default_plot_path(args), f"{info.name}, first {len(split)} test images")
+        plot = plot_sweep(ordered, sweeps, default_plot_path(args), f"{info.name}, {examples_phrase(args, len(split))}")
     sys.stdout.write(text)
     sys.stdout.flush()
     if args.md:

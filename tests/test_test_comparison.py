@@ -560,6 +560,7 @@ def test_markdown_table_and_epsilon_format():
     (rows,) = _tables(ev.markdown_table([r], ["pgd40"]))
     assert rows == [{"model": "m", "clean": "50.00", "pgd40": "25.00", "worst case": "25.00"}]
     assert ev.format_epsilon(8 / 255, "linf") == "8/255"
+    assert ev.format_epsilon(0.2, "linf") == "0.2"  # 51/255 too, but the user wrote 0.2
     assert ev.format_epsilon(0.5, "l2") == "0.5"
 
 
@@ -576,3 +577,10 @@ def test_a_run_folder_brings_its_arch(trained, tmp_path, capsys):
                                  "--out", tmp_path / "a.json"])
     assert code == 0, err
     assert [m["arch"] for m in _json(tmp_path / "a.json")["models"]] == ["smallcnn"]
+
+
+def test_the_caption_says_when_the_examples_come_from_a_test_limit_subset():
+    script = _script()
+    assert script.examples_phrase(script.parse_args(["--model-dir", "d"]), 200) == "first 200 test images"
+    limited = script.parse_args(["--model-dir", "d", "--test-limit", "500"])
+    assert script.examples_phrase(limited, 200) == "first 200 of a seeded subset of 500 test images (--test-limit)"

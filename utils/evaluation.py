@@ -439,10 +439,13 @@ class Evaluation:
 
 
 def format_epsilon(epsilon: float, norm: str) -> str:
-    """``8/255`` for L∞ budgets on the 1/255 grid, a short decimal otherwise."""
-    if norm == "linf" and epsilon > 0 and abs(epsilon * 255 - round(epsilon * 255)) < 1e-6:
+    """``8/255`` for L∞ budgets on the 1/255 grid, a short decimal otherwise; a budget that is a
+    short decimal already (0.2, which is also 51/255) keeps that spelling."""
+    short = f"{epsilon:.4g}"
+    on_grid = abs(epsilon * 255 - round(epsilon * 255)) < 1e-6
+    if norm == "linf" and epsilon > 0 and on_grid and float(f"{epsilon:.3g}") != epsilon:
         return f"{round(epsilon * 255)}/255"
-    return f"{epsilon:.4g}"
+    return short
 
 
 def _cell(text: str) -> str:
