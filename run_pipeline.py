@@ -24,7 +24,7 @@ import train_MIAT
 import train_standard
 from utils.cli import Parser
 from utils.data import DEBIAN_FASHION_DIR, find_idx_dir
-from utils.training import UserError, atomic_write_text, run_main, writable_dir
+from utils.training import UserError, atomic_write_text, metrics_records, run_main, writable_dir
 
 METHODS = ("namid", "namid-t", "namid-m", "wmim")
 
@@ -319,7 +319,8 @@ def results_markdown(merged: dict) -> str:
     settings = list(merged["settings"].values())
     modes = sorted({st.get("mode", "white-box") for st in settings})
     budgets = {name: a["epsilon"] for st in settings for name, a in st.get("attacks", {}).items()}
-    lines += ["", f"Accuracy (%) on the first {'/'.join(str(v) for v in sorted(n))} test images; {', '.join(modes)}; "
+    which = examples_text("/".join(str(v) for v in sorted(n)), [st.get("test_limit") for st in settings])
+    lines += ["", f"Accuracy (%) on the {which}; {', '.join(modes)}; "
               + "".join(f"{name} at ε = {eps:.4g}; " for name, eps in budgets.items())
               + "worst case: correct under every attack, per example."]
     if merged["warnings"]:
@@ -346,10 +347,10 @@ def stage_state(model_dir: Path, output: str, epochs: int) -> str:
     holds no run. A run's metrics without its last.pth is refused: it would be overwritten."""
     last = model_dir / "last.pth"
     if not last.is_file():
-        metrics = model_dir / "metrics.jsonl"
-        if metrics.is_file() and metrics.read_text().strip():
+        if metrics_records(model_dir / "metrics.jsonl"):
             raise UserError(f"{model_dir} holds the metrics.jsonl of a run but no last.pth to resume it from "
-                            "(committed results keep no checkpoints): choose another --out-dir")
+                            "(committed results keep no checkpoints): choose another --out-dir, or delete "
+                            f"{model_dir} to train that stage again")
         return "fresh"
     try:
         epoch = torch.load(last, map_location="cpu", weights_only=True).get("epoch", 0)
@@ -526,7 +527,16 @@ def sweep_markdown(sweep: dict) -> str:
              "|---|---|" + "---:|" * len(epsilons)]
     lines += [f"| {name} | {attack} | " + " | ".join(f"{by_eps[e]:.2f}" if e in by_eps else "–" for e in epsilons)
               + " |" for name, attack, by_eps in rows]
-    return "\n".join(lines) + f"\n\nOn the first {sweep['settings']['n_examples']} test images."
+    which = examples_text(str(sweep["settings"]["n_examples"]), [sweep["settings"].get("test_limit")])
+    return "\n".join(lines) + f"\n\nOn the {which}."
+
+
+def examples_text(n: str, test_limits: List[Optional[int]]) -> str:
+    """Which test images were evaluated: with --test-limit, the first N of a seeded subset."""
+    limits = sorted({limit for limit in test_limits if limit})
+    if limits:
+        return f"first {n} of a seeded subset of {'/'.join(map(str, limits))} test images (--test-limit)"
+    return f"first {n} test images"
 
 
 def mi_table_markdown(folder: Path) -> str:

@@ -116,7 +116,7 @@ def build_parser() -> Parser:
                    help="label of the preceding model in the table (default: its file stem or folder name)")
     p.add_argument("--arch", action=_ModelField, default=None, choices=MODEL_NAMES, metavar="ARCH",
                    help=f"architecture of the preceding model, one of {', '.join(MODEL_NAMES)} "
-                        f"(default: {DEFAULT_ARCH})")
+                        f"(default: the arch in the run's config.json beside the checkpoint, else {DEFAULT_ARCH})")
     p.add_argument("--surrogate", default=None, metavar="PATH",
                    help="black-box transfer: craft every attack on this model and evaluate the models on the "
                         "result; the models are never asked for a gradient")

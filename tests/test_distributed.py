@@ -236,3 +236,39 @@ def test_gather_batch_on_uneven_shards_with_a_bool_mask(tmp_path):
         assert torch.equal(got["values"], expected)
         assert got["mask"].dtype == torch.bool and got["mask"].tolist() == [True, False, True, False, True]
         assert torch.equal(got["grad"], 2 * weights[rows])
+
+
+@pytest.mark.parametrize("saved_ranks", [2, None])  # another process count; a last.pth without per-process states
+def test_resume_under_another_process_count_gives_each_process_its_own_noise(monkeypatch, tmp_path, saved_ranks):
+    from utils import distributed
+    from utils.training import Run, rng_state
+
+    torch.manual_seed(0)
+    first = rng_state()
+    ckpt = {"rng": first, "epoch": 3}
+    if saved_ranks:
+        ckpt["rng_ranks"] = [first] * saved_ranks
+    draws = []
+    for rank in range(3):
+        monkeypatch.setattr(distributed, "_CONTEXT", distributed.Context(rank=rank, world_size=3))
+        Run(SimpleNamespace(model_dir=tmp_path, seed=0), {})._restore_rng(ckpt)
+        draws.append(torch.rand(4))
+    torch.manual_seed(0)
+    assert torch.equal(draws[0], torch.rand(4))  # the first process continues the saved stream
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
+
+
+def test_resume_under_the_same_process_count_restores_each_process_its_state(monkeypatch, tmp_path):
+    from utils import distributed
+    from utils.training import Run, rng_state
+
+    states = []
+    for seed in (10, 11):
+        torch.manual_seed(seed)
+        states.append(rng_state())
+    monkeypatch.setattr(distributed, "_CONTEXT", distributed.Context(rank=1, world_size=2))
+    ckpt = {"rng": states[0], "rng_ranks": states, "epoch": 1}
+    Run(SimpleNamespace(model_dir=tmp_path, seed=0), {})._restore_rng(ckpt)
+    got = torch.rand(4)
+    torch.manual_seed(11)
+    assert torch.equal(got, torch.rand(4))

@@ -21,7 +21,8 @@ ESTIMATOR = [{"epoch": 1, "lr": 0.01, "train_loss": 38.0, "train_loss_n": 14.0, 
 
 def test_stage3_metrics_fill_the_loss_and_accuracy_panels():
     panels = dict(curve_panels(NAMID))
-    assert list(panels) == ["loss", "accuracy (%)"]
+    assert list(panels) == ["loss", "accuracy (%)", "cosine term of L_mi"]
+    assert panels["cosine term of L_mi"] == {"cos_adv": ([2], [0.3])}
     assert set(panels["loss"]) == {"train_loss", "l_adv", "l_mi", "lam_term"}
     assert set(panels["accuracy (%)"]) == {"train_acc", "clean_acc", "pgd_acc", "mean_acc"}
     # Epochs pair with their values; a key logged from epoch 2 on starts there.
@@ -36,12 +37,19 @@ def test_stage2_metrics_fill_the_mi_panel_and_null_leaves_a_gap():
     assert panels["mean MI estimate"] == {"natural_mi_x_wrong": ([1], [-2.7])}
 
 
+def test_wmim_standard_mi_is_plotted_with_the_mi_values():
+    records = [{"epoch": 1, "standard_mi_x": 0.4, "standard_mi_xadv": 0.2, "l_mi": 0.1}]
+    panels = dict(curve_panels(records))
+    assert set(panels["mean MI estimate"]) == {"standard_mi_x", "standard_mi_xadv"}
+    assert set(panels["loss"]) == {"l_mi"}  # a loss, not an MI estimate
+
+
 def test_non_finite_and_boolean_values_are_not_plotted():
     records = [{"epoch": 1, "train_loss": math.nan, "clean_acc": True}, {"epoch": 2, "train_loss": 1.0}]
     assert curve_panels(records) == [("loss", {"train_loss": ([2], [1.0])})]
 
 
-@pytest.mark.parametrize("records, panels", [(NAMID, 2), (ESTIMATOR, 2), (NAMID[:1], 2)])
+@pytest.mark.parametrize("records, panels", [(NAMID, 3), (ESTIMATOR, 2), (NAMID[:1], 2)])
 def test_plot_curves_writes_one_panel_per_group(tmp_path, records, panels):
     path = plot_curves(records, tmp_path / "curves.png", title="run")
     image = imread(path)

@@ -28,6 +28,8 @@ def test_demo_runs_end_to_end_and_fills_every_report_section(tmp_path, capsys):
     assert "| Standard AT |" in report and "| NAMID |" in report and "83.39" in report
     # The command as it can be pasted back: quoted where a value holds spaces.
     assert "--eval-args '--attacks pgd5 --n-examples 16'" in report
+    # --test-limit 32 drew a seeded subset: the 16 images are not the test set's first 16.
+    assert "first 16 of a seeded subset of 32 test images (--test-limit)" in report
     for name in ("standard/best_model.pth", "mi_estimator/global_a_model.pth", "mi_estimator/mi_table.png",
                  "mi_estimator_only_max/mi_table.png", "namid/target_model.pth", "results.json", "eps_sweep.png"):
         assert (tmp_path / name).is_file(), name

@@ -194,6 +194,43 @@ def test_ctrl_c_advises_resume_only_when_an_epoch_was_kept(tmp_path, capsys, mon
     assert code == 0, err
 
 
+def test_ctrl_c_while_the_first_epoch_is_saved_advises_overwrite(tmp_path, capsys, monkeypatch):
+    import utils.training as training
+
+    real = training.atomic_save
+
+    def interrupted_at_last_pth(obj, path):
+        if str(path).endswith("last.pth"):
+            raise KeyboardInterrupt
+        real(obj, path)
+
+    monkeypatch.setattr(training, "atomic_save", interrupted_at_last_pth)
+    argv = [*TINY, "--epochs", "1", "--model-dir", tmp_path]
+    code, _, err = run_script(capsys, "train_standard", argv)
+    assert code == 130 and "--overwrite" in err and "--resume" not in err
+    monkeypatch.undo()
+    code, _, err = run_script(capsys, "train_standard", [*argv, "--overwrite"])  # as advised
+    assert code == 0, err
+
+
+def test_overwrite_drops_the_old_last_pth_at_once(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C in the first epoch of an --overwrite run must not leave the replaced run's
+    last.pth to be resumed as if it were this run's."""
+    import utils.training as training
+
+    code, _, err = run_script(capsys, "train_standard", [*TINY, "--epochs", "2", "--model-dir", tmp_path])
+    assert code == 0, err
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_epoch", interrupted)
+    argv = [*TINY, "--epochs", "2", "--overwrite", "--model-dir", tmp_path]
+    code, _, err = run_script(capsys, "train_standard", argv)
+    assert code == 130 and "--resume" not in err
+    assert not (tmp_path / "last.pth").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_a_run_without_last_pth_is_not_overwritten(tmp_path, capsys):
     argv = [*TINY, "--epochs", "1", "--model-dir", tmp_path]
     code, _, err = run_script(capsys, "train_standard", argv)

@@ -26,12 +26,13 @@ def save_figure(fig, path, dpi: int = 100) -> Path:
     return Path(path)
 
 
-# Which metrics.jsonl keys share a panel. Stage 1 and 3 fill the first two, stage 2 the first
-# and the third (the Fig. 4 values of each epoch).
+# Which metrics.jsonl keys share a panel: every stage fills the first two, stage 3 the cosine
+# terms of L_mi, stage 2 the Fig. 4 values (or WMIM's standard MI) of each epoch.
 PANELS: Tuple[Tuple[str, Callable[[str], bool]], ...] = (
     ("loss", lambda k: "loss" in k or k in ("l_adv", "l_mi", "lam_term")),
     ("accuracy (%)", lambda k: k.endswith("_acc")),
-    ("mean MI estimate", lambda k: "_mi_" in k),
+    ("cosine term of L_mi", lambda k: k.startswith("cos_")),
+    ("mean MI estimate", lambda k: k.startswith(("natural_mi_", "adversarial_mi_", "standard_mi_"))),
 )
 Series = Dict[str, Tuple[List[int], List[float]]]
 

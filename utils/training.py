@@ -35,6 +35,9 @@ def interrupted_run() -> str:
     """What a training script says after Ctrl-C: --resume only where there is an epoch to resume."""
     if _LAST_CHECKPOINT is not None and _LAST_CHECKPOINT.is_file():
         return "interrupted; the last finished epoch is kept, continue with --resume"
+    if _LAST_CHECKPOINT is not None and metrics_records(_LAST_CHECKPOINT.with_name("metrics.jsonl")):
+        # Between the first epoch's metrics line and its last.pth: the folder now looks like a run.
+        return "interrupted while the first epoch was being saved: start again with --overwrite"
     return "interrupted before an epoch finished, so there is nothing to resume: run the same command again"
 
 
@@ -338,6 +341,22 @@ def cross_entropy_step(model: nn.Module) -> StepFn:
     return step
 
 
+def metrics_records(path) -> list:
+    """The epochs of a metrics.jsonl, in order; a line torn by a crash mid-write is skipped (its epoch is redone)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    found = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            found.append(record)
+    return found
+
+
 class Run:
     """A training run's folder: config.json, metrics.jsonl, curves.png, the best files and last.pth.
 
@@ -382,8 +401,11 @@ class Run:
                     raise UserError(f"--model-dir {self.dir} holds the metrics.jsonl of a run but no last.pth to "
                                     "resume: add --overwrite to replace it, or choose another --model-dir")
             if main:
-                if self.metrics_path.exists():
-                    self.metrics_path.unlink()
+                # What --overwrite replaces goes now: a Ctrl-C before epoch 1 is saved must not leave
+                # the old last.pth to be resumed as if it were this run's.
+                for old in (self.metrics_path, self.last_path, self.dir / "curves.png"):
+                    if old.is_file():
+                        old.unlink()
                 self._write_config()
             distributed.barrier()
             distributed.seed_ranks(getattr(self.args, "seed", 0))
@@ -402,7 +424,7 @@ class Run:
                 detail = " ".join(str(err).split())
                 raise UserError(f"--resume: {self.last_path} does not fit this run's {name}: {detail[:200]}") from None
         self.best_score = ckpt.get("best_score", -float("inf"))
-        set_rng_state(self._own_rng(ckpt), self.generator)
+        self._restore_rng(ckpt)
         if main:
             self._truncate_metrics(ckpt["epoch"])
             self._write_config()
@@ -412,14 +434,19 @@ class Run:
         distributed.barrier()
         return ckpt["epoch"] + 1
 
-    @staticmethod
-    def _own_rng(ckpt: dict) -> dict:
-        """This process's RNG state: its own entry when the run had as many processes, else the first's."""
+    def _restore_rng(self, ckpt: dict) -> None:
+        """This process's RNG state as last.pth saved it, when the run had as many processes.
+
+        Otherwise (another process count, or a last.pth from before per-process states) every
+        process takes the first one's state, which holds the data order all of them share, and
+        the others then draw fresh attack noise of their own, as on a fresh start."""
         ctx = distributed.context()
         per_rank = ckpt.get("rng_ranks")
         if isinstance(per_rank, list) and len(per_rank) == ctx.world_size:
-            return per_rank[ctx.rank]
-        return ckpt["rng"]
+            set_rng_state(per_rank[ctx.rank], self.generator)
+            return
+        set_rng_state(ckpt["rng"], self.generator)
+        distributed.seed_ranks(getattr(self.args, "seed", 0) + 7919 * ckpt["epoch"])
 
     def _write_config(self) -> None:
         atomic_write_text(self.dir / "config.json", json.dumps(self.config(), indent=2, sort_keys=True) + "\n")
@@ -439,18 +466,7 @@ class Run:
                             "or start another --model-dir")
 
     def records(self) -> list:
-        """The epochs of metrics.jsonl, in order; a line torn by a crash mid-write is skipped (its epoch is redone)."""
-        if not self.metrics_path.exists():
-            return []
-        found = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-                found.append(record)
-        return found
+        return metrics_records(self.metrics_path)
 
     def _truncate_metrics(self, last_epoch: int) -> None:
         if self.metrics_path.exists():
