@@ -24,7 +24,8 @@ import train_MIAT
 import train_standard
 from utils.cli import Parser
 from utils.data import DEBIAN_FASHION_DIR, find_idx_dir
-from utils.training import UserError, atomic_write_text, metrics_records, run_main, writable_dir
+from utils.evaluation import examples_text
+from utils.training import UserError, atomic_write_text, metrics_records, run_config, run_main, writable_dir
 
 METHODS = ("namid", "namid-t", "namid-m", "wmim")
 
@@ -330,13 +331,7 @@ def results_markdown(merged: dict) -> str:
 
 def check_seed(model_dir: Path, seed: int) -> None:
     """A folder holds one seed's run: reusing it for another seed would mislabel the results."""
-    config = model_dir / "config.json"
-    if not config.is_file():
-        return
-    try:
-        stored = json.loads(config.read_text()).get("seed")
-    except ValueError:
-        return
+    stored = run_config(model_dir).get("seed")
     if stored is not None and stored != seed:
         raise UserError(f"--seeds: {model_dir} holds a run with seed {stored}, not {seed}; use another --out-dir")
 
@@ -529,14 +524,6 @@ def sweep_markdown(sweep: dict) -> str:
               + " |" for name, attack, by_eps in rows]
     which = examples_text(str(sweep["settings"]["n_examples"]), [sweep["settings"].get("test_limit")])
     return "\n".join(lines) + f"\n\nOn the {which}."
-
-
-def examples_text(n: str, test_limits: List[Optional[int]]) -> str:
-    """Which test images were evaluated: with --test-limit, the first N of a seeded subset."""
-    limits = sorted({limit for limit in test_limits if limit})
-    if limits:
-        return f"first {n} of a seeded subset of {'/'.join(map(str, limits))} test images (--test-limit)"
-    return f"first {n} test images"
 
 
 def mi_table_markdown(folder: Path) -> str:

@@ -22,6 +22,7 @@ from utils.evaluation import (
     Evaluation,
     Report,
     attack_settings,
+    examples_text,
     first_examples,
     format_epsilon,
     markdown_table,
@@ -36,6 +37,7 @@ from utils.training import (
     compiled,
     load_weights,
     resolve_device,
+    run_config,
     run_main,
     seed_everything,
     writable_dir,
@@ -249,15 +251,6 @@ def load_model(arch, path, flag, info, device, arch_flag="--arch"):
     return model.to(device).eval()
 
 
-def run_config(folder: Path) -> dict:
-    """The flags a training run recorded in its config.json ({} when there is none or it is unreadable)."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
 def versions():
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for package in ("pyautoattack", "numpy"):
@@ -282,10 +275,7 @@ def caption(args, n, dataset, attacks, surrogate_arch):
 
 
 def examples_phrase(args, n: int) -> str:
-    """Which test images were evaluated: --test-limit draws a seeded subset before the first N are taken."""
-    if args.test_limit:
-        return f"first {n} of a seeded subset of {args.test_limit} test images (--test-limit)"
-    return f"first {n} test images"
+    return examples_text(str(n), [args.test_limit])
 
 
 def default_plot_path(args) -> Path:

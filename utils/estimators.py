@@ -2,7 +2,6 @@
 
 Files use the release's names: local_n_model.pth, global_n_model.pth, local_a_model.pth,
 global_a_model.pth, each a plain state_dict."""
-import json
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -12,7 +11,7 @@ import torch.nn as nn
 from models import feature_shapes
 from models.estimator import MIEstimator, build_estimator
 from utils.attacks.base import bare_module
-from utils.training import UserError, atomic_save, load_weights
+from utils.training import UserError, atomic_save, load_weights, run_config
 
 ESTIMATOR_FILES = {
     ("natural", "local"): "local_n_model.pth",
@@ -35,11 +34,7 @@ ESTIMATOR_FLAGS = ("mi_mode", "va_hsize", "is_internal", "is_internal_last")
 def check_stage2_flags(args, mi_dir) -> None:
     """Refuse estimator flags that differ from those the stage-2 run in ``mi_dir`` recorded in its
     config.json (a folder without one, e.g. the release's files, is not checked)."""
-    path = Path(mi_dir) / "config.json"
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
+    stored = run_config(mi_dir)
     for key in ESTIMATOR_FLAGS:
         if key in stored and stored[key] != getattr(args, key, stored[key]):
             flag = "--va-mode" if key == "mi_mode" else f"--{key.replace('_', '-')}"

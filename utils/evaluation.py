@@ -438,6 +438,14 @@ class Evaluation:
 # ---------------------------------------------------------------- reports
 
 
+def examples_text(n: str, test_limits: Sequence[Optional[int]]) -> str:
+    """Which test images were evaluated: with --test-limit, the first N of a seeded subset."""
+    limits = sorted({limit for limit in test_limits if limit})
+    if limits:
+        return f"first {n} of a seeded subset of {'/'.join(map(str, limits))} test images (--test-limit)"
+    return f"first {n} test images"
+
+
 def format_epsilon(epsilon: float, norm: str) -> str:
     """``8/255`` for L∞ budgets on the 1/255 grid, a short decimal otherwise; a budget that is a
     short decimal already (0.2, which is also 51/255) keeps that spelling."""

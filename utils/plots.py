@@ -66,7 +66,8 @@ def plot_curves(records: Sequence[dict], path, title: str = "") -> Path:
     from matplotlib.ticker import MaxNLocator
 
     panels = curve_panels(records)
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.6 * max(len(panels), 1), 3.4), squeeze=False)
+    columns = max(len(panels), 1)
+    fig, axes = plt.subplots(1, columns, figsize=(4.6 * columns, 3.4), squeeze=False)
     chosen = [r["epoch"] for r in records if r.get("best")]
     for ax, (name, series) in zip(axes[0], panels):
         for key, (epochs, values) in series.items():

@@ -326,8 +326,8 @@ def evaluate(model: nn.Module, loader, epsilon: float, step_size: float, num_ste
                     robust = (net(x_adv).argmax(dim=1) == y).sum()
             batch = torch.stack([clean, robust, torch.tensor(y.shape[0], device=y.device)]).double()
             counts = batch if counts is None else counts + batch
-    if counts is None:  # an empty shard still joins the reduction, on the device NCCL needs
-        counts = torch.zeros(3, dtype=torch.float64, device=getattr(loader, "device", "cpu"))
+    if counts is None:  # an empty shard still joins the reduction
+        counts = torch.zeros(3, dtype=torch.float64)
     distributed.all_reduce_sum(counts)
     clean_acc, pgd_acc = (100.0 * counts[:2] / counts[2].clamp_min(1)).tolist()
     return {"clean_acc": clean_acc, "pgd_acc": pgd_acc}
@@ -339,6 +339,15 @@ def cross_entropy_step(model: nn.Module) -> StepFn:
         logits = model(x)
         return F.cross_entropy(logits, y), logits, {}
     return step
+
+
+def run_config(folder) -> dict:
+    """The flags a training run recorded in its config.json ({} when there is none or it is unreadable)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def metrics_records(path) -> list:
