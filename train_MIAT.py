@@ -5,7 +5,10 @@ NAMID-T (trades) or NAMID-M (mart); ``--no-adv-mi``, ``--no-nat-mi`` and ``--lam
 ablations of Fig. 5; ``--method wmim`` is the WMIM baseline. Writes target_model.pth,
 last.pth, config.json, metrics.jsonl and curves.png to --model-dir."""
 
+import sys
+
 import torch
+from tqdm import tqdm
 
 from utils import distributed
 from utils.attacks.pgd import pgd
@@ -34,10 +37,11 @@ from utils.estimators import (
     load_standard_estimator,
     target_outputs,
 )
-from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS, adversarial_loss
+from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS, BALANCE_LIMIT, adversarial_loss, grad_balance
 from utils.mi import mi_per_sample
 from utils.mi_objectives import namid_loss
 from utils.patterns import select_samples, split_patterns
+from utils.release_compat import BatchNormReplay, add_release_args, finish_release_args, release_stage3_passes
 from utils.training import Run, fit_target, run_main, setup_target_training
 
 
@@ -64,6 +68,7 @@ def build_parser() -> Parser:
                        ("--pre-local-a", "local net of E_a"), ("--pre-global-a", "global net of E_a")):
         p.add_argument(flag, default=None, help=f"the {what} (the release's flag; overrides --mi-dir)")
     add_estimator_args(p)
+    add_release_args(p)
     # The paper's PGD-10 with step ε/4; the release's stage 3 used 40 steps of 0.007.
     add_attack_args(p)
     add_optim_args(p)
@@ -79,6 +84,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     finish_attack_args(p, args)
     finish_estimator_args(p, args)
+    given = [f"--release-{q}" for q in ("selection", "passes") if getattr(args, f"release_{q}")]
+    finish_release_args(args)
     check_positive(p, args, "epochs", "batch_size", "lr", "lr_gamma")
     check_non_negative(p, args, "alpha", "lam", "beta", "momentum", "weight_decay", "warm_up_epochs",
                        "epsilon_ramp_epochs", "save_freq", "val_size")
@@ -89,7 +96,8 @@ def parse_args(argv=None):
     # A flag that the chosen loss ignores would silently train something else than asked for.
     if args.method == "wmim":
         namid_only = {"--lam": args.lam is not None, "--no-adv-mi": args.no_adv_mi, "--no-nat-mi": args.no_nat_mi,
-                      "--release-loss": args.release_loss, "--pre-local-n/...": any(explicit)}
+                      "--release-loss": args.release_loss, "--pre-local-n/...": any(explicit),
+                      **{flag: True for flag in given}}
         ignored = [flag for flag, given in namid_only.items() if given]
         if ignored:
             p.error(f"{', '.join(ignored)} only apply to --method namid")
@@ -111,38 +119,52 @@ def freeze(module):
     return module
 
 
-def namid_objective(model, est_n, est_a, x, x_adv, y, args):
+def namid_objective(model, est_n, est_a, x, x_adv, y, args, measure_grads=False):
     """L_all = L_adv + α·L_mi (Eq. 9) for one batch, with the model in train mode.
 
     One forward of x and one of x̃ serve L_adv, the selection of W and all four MI terms; the
     frozen local nets see x and n once each, without gradient, so θ is trained through the
-    global nets only. Returns (L_all, logits of x̃, per-batch scalars to log)."""
+    global nets only. ``args.quirks`` switches on the release's numerics (PAPER.md §10).
+    ``measure_grads`` adds ‖∇θ L_adv‖ and ‖∇θ α·L_mi‖ (``grad_balance``) to the scalars.
+    Returns (L_all, logits of x̃, per-batch scalars to log)."""
+    quirks = args.quirks
     layer = internal_layer(args)
     use_nat, use_adv = not args.no_nat_mi, not args.no_adv_mi
+    replay = BatchNormReplay(model) if quirks.passes else None
     logits_nat, g_nat = target_outputs(model, x, layer)
     logits_adv, g_adv = target_outputs(model, x_adv, layer)
     l_adv = adversarial_loss(args.adv_loss, logits_adv, y, logits_nat, args.beta)
-    wrong = select_samples(logits_nat.detach(), logits_adv.detach(), y).wrong
     natural, noise = split_patterns(x, x_adv)
-    # Under torchrun the MI terms range over the global batch, as in one process.
-    g_nat, g_adv, natural, noise, wrong = distributed.gather_batch(g_nat, g_adv, natural, noise, wrong)
+    if quirks.selection:
+        # The release's softmax runs over the whole batch: under torchrun, the global one.
+        nat_all, adv_all, y_all = distributed.gather_batch(logits_nat.detach(), logits_adv.detach(), y)
+        wrong = select_samples(nat_all, adv_all, y_all, over_batch=True).wrong
+        g_nat, g_adv, natural, noise = distributed.gather_batch(g_nat, g_adv, natural, noise)
+    else:
+        wrong = select_samples(logits_nat.detach(), logits_adv.detach(), y).wrong
+        # Under torchrun the MI terms range over the global batch, as in one process.
+        g_nat, g_adv, natural, noise, wrong = distributed.gather_batch(g_nat, g_adv, natural, noise, wrong)
     mi_n_nat = mi_n_adv = mi_a_nat = mi_a_adv = torch.zeros(wrong.shape[0], device=wrong.device)
     with torch.no_grad():
         local_n = est_n.local(natural) if use_nat else None
         local_a = est_a.local(noise) if use_adv else None
     if use_nat:
-        mi_n_nat = mi_per_sample(local_n, est_n.global_(g_nat), args.mi_mode)
-        mi_n_adv = mi_per_sample(local_n, est_n.global_(g_adv), args.mi_mode)
+        mi_n_nat = mi_per_sample(local_n, est_n.global_(g_nat), args.mi_mode, quirks=quirks)
+        mi_n_adv = mi_per_sample(local_n, est_n.global_(g_adv), args.mi_mode, quirks=quirks)
     if use_adv:
-        mi_a_nat = mi_per_sample(local_a, est_a.global_(g_nat), args.mi_mode)
-        mi_a_adv = mi_per_sample(local_a, est_a.global_(g_adv), args.mi_mode)
+        mi_a_nat = mi_per_sample(local_a, est_a.global_(g_nat), args.mi_mode, quirks=quirks)
+        mi_a_adv = mi_per_sample(local_a, est_a.global_(g_adv), args.mi_mode, quirks=quirks)
     l_mi, terms = namid_loss(mi_n_nat, mi_n_adv, mi_a_nat, mi_a_adv, wrong, lam=args.lam, use_nat=use_nat,
                              use_adv=use_adv, release=args.release_loss)
+    if replay is not None:
+        replay.run(release_stage3_passes(x, x_adv, bool(wrong.any())))
     extra = {"l_adv": l_adv.detach(), "l_mi": l_mi.detach(), **terms, "w_size": wrong.sum().float()}
+    if measure_grads:
+        extra.update(grad_balance(model, l_adv, args.alpha * l_mi))
     return l_adv + args.alpha * l_mi, logits_adv, extra
 
 
-def wmim_loss(model, standard, x, x_adv, y, args):
+def wmim_loss(model, standard, x, x_adv, y, args, measure_grads=False):
     """WMIM (after Zhu et al. 2020): L_adv − α · mean Î(x̃; h(x̃)) with a frozen standard-MI estimator."""
     layer = internal_layer(args)
     logits_nat = target_outputs(model, x, layer)[0] if args.adv_loss != "ce" else None
@@ -151,8 +173,10 @@ def wmim_loss(model, standard, x, x_adv, y, args):
     x_adv_all, g_adv = distributed.gather_batch(x_adv, g_adv)  # the global batch under torchrun
     with torch.no_grad():
         local = standard.local(x_adv_all)
-    standard_mi = mi_per_sample(local, standard.global_(g_adv), args.mi_mode).mean()
+    standard_mi = mi_per_sample(local, standard.global_(g_adv), args.mi_mode, quirks=args.quirks).mean()
     extra = {"l_adv": l_adv.detach(), "standard_mi": standard_mi.detach()}
+    if measure_grads:
+        extra.update(grad_balance(model, l_adv, -args.alpha * standard_mi))
     return l_adv - args.alpha * standard_mi, logits_adv, extra
 
 
@@ -172,15 +196,32 @@ def main(argv=None):
         est_n, est_a = (freeze(estimators[k]) for k in ("natural", "adversarial"))
     run = Run(args, {"model": model, "optimizer": t.optimizer, "scheduler": t.scheduler}, t.generator, args.select_by)
     attack_loss, start = ATTACK_FOR_LOSS[args.adv_loss]
+    if args.quirks.start:
+        start = "normal"
+    objective = wmim_loss if args.method == "wmim" else namid_objective
+    nets = (standard,) if args.method == "wmim" else (est_n, est_a)
+    # The gradient balance is measured on the first adversarial batch of each epoch.
+    balance = {"pending": False}
 
     def adversarial_step(x, y, eps, step_size):
         x_adv = pgd(model, x, y, eps, step_size, args.num_steps, args.distance, attack_loss, start)
-        if args.method == "wmim":
-            return wmim_loss(model, standard, x, x_adv, y, args)
-        return namid_objective(model, est_n, est_a, x, x_adv, y, args)
+        measure, balance["pending"] = balance["pending"], False
+        loss, logits_adv, extra = objective(model, *nets, x, x_adv, y, args, measure_grads=measure)
+        if measure:
+            warn_if_unbalanced(extra, args.alpha)
+        return loss, logits_adv, extra
 
     fit_target(args, model, t.optimizer, t.scheduler, run, t.train_loader, t.eval_loader, adversarial_step,
-               "target_model.pth")
+               "target_model.pth", on_epoch=lambda epoch: balance.update(pending=True))
+
+
+def warn_if_unbalanced(extra, alpha: float, limit: float = BALANCE_LIMIT) -> None:
+    """One line when α·L_mi's gradient dwarfs L_adv's: the run is then mostly training the MI loss."""
+    ratio = float(extra["grad_ratio"])
+    if ratio > limit and distributed.context().is_main:
+        tqdm.write(f"warning: ‖∇θ α·L_mi‖ is {ratio:.3g}× ‖∇θ L_adv‖ (above {limit:g}) on this epoch's first "
+                   f"adversarial batch: the MI loss dominates; consider a smaller --alpha (now {alpha:g})",
+                   file=sys.stderr)
 
 
 if __name__ == "__main__":

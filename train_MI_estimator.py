@@ -19,6 +19,7 @@ from utils.estimators import build_estimators, estimator_best_files
 from utils.mi_objectives import estimator_loss_paper, estimator_loss_release
 from utils.patterns import select_samples
 from utils.stage2 import (
+    ReleasePasses,
     add_stage2_args,
     attack_batch,
     evaluate_mi_table,
@@ -62,8 +63,11 @@ def main(argv=None):
     def step(x, y):
         shard = attack_batch(setup.target, x, y, args, setup.layer, args.num_steps)
         b = global_batch(shard)
-        sel = select_samples(b.logits_nat, b.logits_adv, b.y)
-        mi = mi_vectors(estimators, b, args.mi_mode)
+        sel = select_samples(b.logits_nat, b.logits_adv, b.y, over_batch=args.quirks.selection)
+        passes = ReleasePasses(estimators) if args.quirks.passes else None
+        mi = mi_vectors(estimators, b, args.mi_mode, quirks=args.quirks)
+        if passes is not None:
+            passes.finish(b, sel)
         if args.objective == "release":
             loss_n, loss_a = estimator_loss_release(*mi, sel, cos_weight=args.cos_weight, r_weight=args.r_weight,
                                                     a_r_cos_weight=args.a_r_cos_weight,

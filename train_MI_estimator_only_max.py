@@ -58,8 +58,9 @@ def main(argv=None):
         def step(x, y):
             shard = attack_batch(setup.target, x, y, args, setup.layer, args.num_steps)
             b = global_batch(shard)
-            loss = -estimator.mi(b.x_adv, b.g_adv, args.mi_mode).mean()
-            return loss, shard.logits_nat, {"train_fooled": attack_succeeded(b.logits_adv, b.y).sum()}
+            loss = -estimator.mi(b.x_adv, b.g_adv, args.mi_mode, quirks=args.quirks).mean()
+            fooled = attack_succeeded(b.logits_adv, b.y, over_batch=args.quirks.selection)
+            return loss, shard.logits_nat, {"train_fooled": fooled.sum()}
 
         fit(args, setup, estimators, step, lambda: evaluate_standard_mi(setup, estimator, args, progress),
             best={STANDARD_FILES["local"]: estimator.local, STANDARD_FILES["global"]: estimator.global_})
@@ -71,10 +72,11 @@ def main(argv=None):
     def step(x, y):
         shard = attack_batch(setup.target, x, y, args, setup.layer, args.num_steps)
         b = global_batch(shard)
-        sel = select_samples(b.logits_nat, b.logits_adv, b.y)
-        fooled = attack_succeeded(b.logits_adv, b.y)
-        # Eq. 4 needs only these two of the four MI terms.
-        loss_n, loss_a = estimator_loss_max(e_n.mi(b.x, b.g_nat, args.mi_mode), e_a.mi(b.n, b.g_adv, args.mi_mode),
+        sel = select_samples(b.logits_nat, b.logits_adv, b.y, over_batch=args.quirks.selection)
+        fooled = attack_succeeded(b.logits_adv, b.y, over_batch=args.quirks.selection)
+        # Eq. 4 needs only these two of the four MI terms (one pass of each net, as in the release).
+        loss_n, loss_a = estimator_loss_max(e_n.mi(b.x, b.g_nat, args.mi_mode, quirks=args.quirks),
+                                            e_a.mi(b.n, b.g_adv, args.mi_mode, quirks=args.quirks),
                                             sel.correct, fooled)
         return loss_n + loss_a, shard.logits_nat, {"train_loss_n": loss_n.detach(), "train_loss_a": loss_a.detach(),
                                                    "train_c_size": sel.correct.sum(), "train_fooled": fooled.sum()}

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from utils.mi import mi_per_sample
+from utils.release_compat import NONE, Quirks
 
 INTERNAL_LAYERS = ("layer3", "layer4")
 
@@ -108,11 +109,12 @@ class MIEstimator(nn.Module):
         self.global_ = global_
 
     def mi(self, pattern: torch.Tensor, global_input: torch.Tensor, mode: str = "dv",
-           estimate: bool = False) -> torch.Tensor:
+           estimate: bool = False, quirks: Quirks = NONE) -> torch.Tensor:
         """Per-sample Î(pattern, h(v)), shape (N,); ``global_input`` is h(v) (logits or features).
 
-        ``estimate``: report an MI value rather than the training objective (``mi_per_sample``)."""
-        return mi_per_sample(self.local(pattern), self.global_(global_input), mode, estimate)
+        ``estimate``: report an MI value rather than the training objective; ``quirks``: the
+        release's bounds (both as in ``mi_per_sample``)."""
+        return mi_per_sample(self.local(pattern), self.global_(global_input), mode, estimate, quirks)
 
     forward = mi
 

@@ -11,6 +11,7 @@ from models.estimator import build_estimator
 from tests.helpers import assert_user_error, run_script, spy_on_pgd
 from utils.attacks.pgd import pgd
 from utils.estimators import save_estimators
+from utils.release_compat import Quirks
 
 HSIZE = 16
 BASE = ["--dataset", "synthetic", "--arch", "smallcnn", "--train-limit", "64", "--test-limit", "32",
@@ -32,7 +33,7 @@ def mi_dir(tmp_path_factory):
 
 def objective_args(**overrides):
     args = dict(adv_loss="ce", beta=6.0, alpha=5.0, lam=0.1, no_adv_mi=False, no_nat_mi=False, release_loss=False,
-                mi_mode="dv", is_internal=False, is_internal_last=False)
+                mi_mode="dv", is_internal=False, is_internal_last=False, quirks=Quirks())
     args.update(overrides)
     return SimpleNamespace(**args)
 

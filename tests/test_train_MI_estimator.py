@@ -156,8 +156,8 @@ def _masks(kind, y):
 def test_empty_sets_train_on_without_nan(pre_target, tmp_path, capsys, monkeypatch, objective):
     """Training batches cycle through: C empty, W empty (all right), R empty (all wrong); evaluation has C empty."""
     kinds = iter(["nothing-correct", "all-right", "all-wrong"])
-    monkeypatch.setattr(train_MI_estimator, "select_samples", lambda ln, la, y: _masks(next(kinds), y))
-    monkeypatch.setattr(stage2, "select_samples", lambda ln, la, y: _masks("nothing-correct", y))
+    monkeypatch.setattr(train_MI_estimator, "select_samples", lambda ln, la, y, **_: _masks(next(kinds), y))
+    monkeypatch.setattr(stage2, "select_samples", lambda ln, la, y, **_: _masks("nothing-correct", y))
     seen = spy_on_fit(monkeypatch, train_MI_estimator)
     code, _, err = run_script(capsys, "train_MI_estimator", [*TINY, "--pre-target", pre_target, "--epochs", "1",
                                                              "--train-limit", "48", "--objective", objective,
@@ -172,8 +172,9 @@ def test_empty_sets_train_on_without_nan(pre_target, tmp_path, capsys, monkeypat
 
 
 def test_max_with_nothing_correct_or_fooled(pre_target, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train_MI_estimator_only_max, "select_samples", lambda ln, la, y: _masks("nothing-correct", y))
-    monkeypatch.setattr(train_MI_estimator_only_max, "attack_succeeded", lambda logits, y: torch.zeros_like(y) > 0)
+    monkeypatch.setattr(train_MI_estimator_only_max, "select_samples", 
+                        lambda ln, la, y, **_: _masks("nothing-correct", y))
+    monkeypatch.setattr(train_MI_estimator_only_max, "attack_succeeded", lambda logits, y, **_: torch.zeros_like(y) > 0)
     code, _, err = run_script(capsys, "train_MI_estimator_only_max",
                               [*TINY, *ONE_BATCH, "--pre-target", pre_target, "--epochs", "1", "--model-dir", tmp_path])
     assert code == 0, err

@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from utils.release_compat import NONE, Quirks
+
 MI_MODES = ("dv", "jsd", "nce")
 
 
@@ -40,7 +42,7 @@ def scores(local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
 
 
 def mi_per_sample(local: torch.Tensor, global_: torch.Tensor, mode: str = "dv",
-                  estimate: bool = False) -> torch.Tensor:
+                  estimate: bool = False, quirks: Quirks = NONE) -> torch.Tensor:
     """Per-sample MI lower bound Î_i, shape (N,), in one of ``MI_MODES`` (PAPER.md §3).
 
     - ``dv``: u_ii,l − (logsumexp_{j≠i} u_ij,l − log(N−1)), averaged over l.
@@ -53,7 +55,12 @@ def mi_per_sample(local: torch.Tensor, global_: torch.Tensor, mode: str = "dv",
       added, giving an estimate in (−inf, log(1 + (N−1)·L)]; DV and JSD ignore the flag.
 
     With N = 1 there are no negatives, so no bound exists: zeros are returned (still attached
-    to the graph, so a caller's backward does not fail)."""
+    to the graph, so a caller's backward does not fail).
+
+    ``quirks`` restores the release's bounds (PAPER.md §10): ``dv_mask`` leaves the positive
+    in DV's logsumexp as a 0, which subtracts mean_l softplus(−logsumexp_{j≠i} u_ij,l) from Î_i;
+    ``nce_mask`` keeps sample i's own L locations among InfoNCE's candidates at a score of −10;
+    ``batch_bounds`` gives every sample the batch mean in the jsd and nce modes."""
     if mode not in MI_MODES:
         raise ValueError(f"unknown MI mode {mode!r}; expected one of {MI_MODES}")
     u = scores(local, global_)
@@ -64,15 +71,25 @@ def mi_per_sample(local: torch.Tensor, global_: torch.Tensor, mode: str = "dv",
     # Exclude the positive with −inf (the release used 0, which leaks a constant into the bound).
     eye = torch.eye(n, dtype=torch.bool, device=u.device).unsqueeze(-1)
     if mode == "dv":
-        neg = torch.logsumexp(u.masked_fill(eye, float("-inf")), dim=1) - math.log(n - 1)
+        masked = u.masked_fill(eye, 0.0 if quirks.dv_mask else float("-inf"))
+        neg = torch.logsumexp(masked, dim=1) - math.log(n - 1)
         return (pos - neg).mean(dim=1)
     if mode == "jsd":
         pos_term = (math.log(2.0) - F.softplus(-pos)).mean(dim=1)
         # softplus(−u) + u == softplus(u); the right side does not cancel for large |u|.
         neg_all = (F.softplus(u) - math.log(2.0)).masked_fill(eye, 0.0)
         neg_term = neg_all.sum(dim=(1, 2)) / ((n - 1) * n_loc)
-        return pos_term - neg_term
+        return _per_sample(pos_term - neg_term, quirks)
     neg = torch.logsumexp(u.masked_fill(eye, float("-inf")).flatten(1), dim=1, keepdim=True)  # (N, 1)
+    candidates = 1 + (n - 1) * n_loc
+    if quirks.nce_mask:  # L more candidates per sample, each exp(−10)
+        neg = torch.logaddexp(neg, torch.full_like(neg, math.log(n_loc) - 10.0))
+        candidates += n_loc
     log_prob = pos - torch.logaddexp(pos, neg)
-    offset = math.log(1 + (n - 1) * n_loc) if estimate else 0.0
-    return log_prob.mean(dim=1) + offset
+    offset = math.log(candidates) if estimate else 0.0
+    return _per_sample(log_prob.mean(dim=1) + offset, quirks)
+
+
+def _per_sample(values: torch.Tensor, quirks: Quirks) -> torch.Tensor:
+    """The release's JSD and InfoNCE losses are one scalar per batch: every sample gets the mean."""
+    return values.mean().expand_as(values) if quirks.batch_bounds else values

@@ -18,20 +18,29 @@ class Selection(NamedTuple):
     wrong: torch.Tensor
 
 
-def predict(logits: torch.Tensor) -> torch.Tensor:
-    """Predicted class per sample: argmax over classes (the release's softmax over dim 0 was a bug)."""
+def predict(logits: torch.Tensor, over_batch: bool = False) -> torch.Tensor:
+    """Predicted class per sample: argmax over classes.
+
+    ``over_batch`` is the release's rule (``--release-selection``, PAPER.md §10): the argmax of
+    a softmax taken over the batch dimension, which ranks each class's logit against the other
+    samples' logits of that class rather than against this sample's other classes."""
+    if over_batch:
+        return torch.softmax(logits.float(), dim=0).argmax(dim=1)
     return logits.argmax(dim=1)
 
 
-def attack_succeeded(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def attack_succeeded(logits_adv: torch.Tensor, y: torch.Tensor, over_batch: bool = False) -> torch.Tensor:
     """pred(x̃) ≠ y, whether or not x itself was classified correctly (Eq. 4's adversarial set)."""
-    return predict(logits_adv) != y
+    return predict(logits_adv, over_batch) != y
 
 
-def select_samples(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor) -> Selection:
-    """C = {pred(x) = y}, W = C ∩ {pred(x̃) ≠ y}, R = C ∩ {pred(x̃) = y} (§4, Eq. 6)."""
-    correct = predict(logits_nat) == y
-    fooled = attack_succeeded(logits_adv, y)
+def select_samples(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
+                   over_batch: bool = False) -> Selection:
+    """C = {pred(x) = y}, W = C ∩ {pred(x̃) ≠ y}, R = C ∩ {pred(x̃) = y} (§4, Eq. 6).
+
+    ``over_batch``: the release's prediction rule (see ``predict``)."""
+    correct = predict(logits_nat, over_batch) == y
+    fooled = attack_succeeded(logits_adv, y, over_batch)
     return Selection(correct=correct, right=correct & ~fooled, wrong=correct & fooled)
 
 

@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
+from utils.losses import BALANCE_LIMIT
 from utils.training import atomic_write
 
 
@@ -26,6 +27,9 @@ def save_figure(fig, path, dpi: int = 100) -> Path:
     return Path(path)
 
 
+# Stage 3's gradient balance, on a log scale with the line above which a warning is printed.
+BALANCE_PANEL = "‖∇θ α·L_mi‖ / ‖∇θ L_adv‖"
+
 # Which metrics.jsonl keys share a panel: every stage fills the first two, stage 3 the cosine
 # terms of L_mi, stage 2 the Fig. 4 values (or WMIM's standard MI) of each epoch.
 PANELS: Tuple[Tuple[str, Callable[[str], bool]], ...] = (
@@ -33,6 +37,7 @@ PANELS: Tuple[Tuple[str, Callable[[str], bool]], ...] = (
     ("accuracy (%)", lambda k: k.endswith("_acc")),
     ("cosine term of L_mi", lambda k: k.startswith("cos_")),
     ("mean MI estimate", lambda k: k.startswith(("natural_mi_", "adversarial_mi_", "standard_mi_"))),
+    (BALANCE_PANEL, lambda k: k == "grad_ratio"),
 )
 Series = Dict[str, Tuple[List[int], List[float]]]
 
@@ -74,6 +79,10 @@ def plot_curves(records: Sequence[dict], path, title: str = "") -> Path:
             ax.plot(epochs, values, marker="o", markersize=3, label=key)
         if chosen:
             ax.axvline(chosen[-1], color="grey", linestyle=":", linewidth=1)
+        if name == BALANCE_PANEL:
+            if all(v > 0 for _, values in series.values() for v in values):  # 0 when W was empty
+                ax.set_yscale("log")
+            ax.axhline(BALANCE_LIMIT, color="tab:red", linestyle="--", linewidth=1, label="warning above")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)

@@ -35,6 +35,14 @@ from utils.mi import mi_per_sample
 from utils.mi_objectives import MITable
 from utils.patterns import select_samples, split_patterns
 from utils.plots import pyplot, save_figure
+from utils.release_compat import (
+    NONE,
+    BatchNormReplay,
+    Quirks,
+    add_release_args,
+    finish_release_args,
+    release_stage2_passes,
+)
 from utils.training import (
     FastPath,
     Run,
@@ -62,6 +70,7 @@ def add_stage2_args(p: Parser, *, model_dir: str, epochs: int, batch_size: int, 
     p.add_argument("--pre-target", required=True,
                    help="the frozen target h_θ0: stage 1's best_model.pth (or its last.pth)")
     add_estimator_args(p)
+    add_release_args(p)
     # The paper's threat model, the one stage 1 trained for (L∞ 8/255, PGD-10, step ε/4).
     # The release's stage 2 defaulted to L2 ε 0.5 with 20 steps: --distance l_2 --num-steps 20.
     add_attack_args(p, num_steps=10, eval_steps=None)
@@ -83,6 +92,7 @@ def finish_stage2_args(p: Parser, args: argparse.Namespace) -> argparse.Namespac
         args.eval_steps = args.num_steps
     finish_attack_args(p, args)
     finish_estimator_args(p, args)
+    finish_release_args(args)
     check_positive(p, args, "epochs", "batch_size", "lr_mi", "lr_gamma")
     check_non_negative(p, args, "save_freq", "val_size")
     return args
@@ -141,7 +151,8 @@ class AdvBatch(NamedTuple):
 
 def attack_batch(target: nn.Module, x: Tensor, y: Tensor, args, layer: Optional[str], num_steps: int) -> AdvBatch:
     """x̃ = PGD(h_θ0, x); one no-grad forward of the frozen target on each of x and x̃."""
-    x_adv = pgd(target, x, y, args.epsilon, args.step_size, num_steps, args.distance)
+    x_adv = pgd(target, x, y, args.epsilon, args.step_size, num_steps, args.distance,
+                random_start="normal" if args.quirks.start else "uniform")
     with torch.no_grad():
         logits_nat, g_nat = target_outputs(target, x, layer)
         logits_adv, g_adv = target_outputs(target, x_adv, layer)
@@ -155,19 +166,38 @@ def global_batch(b: AdvBatch) -> AdvBatch:
     return AdvBatch(*distributed.gather_batch(*b))
 
 
-def mi_vectors(estimators, b: AdvBatch, mode: str, estimate: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def mi_vectors(estimators, b: AdvBatch, mode: str, estimate: bool = False,
+               quirks: Quirks = NONE) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(Î_n(x, h(x)), Î_n(x, h(x̃)), Î_a(n, h(x)), Î_a(n, h(x̃))), each (N,) (Eq. 5's four terms).
 
     Each local net encodes its pattern once; its features are scored against both global inputs.
-    ``estimate``: MI values for reporting rather than the training objective (``mi_per_sample``)."""
+    ``estimate``: MI values for reporting rather than the training objective (``mi_per_sample``);
+    ``quirks``: the release's bounds."""
     e_n, e_a = estimators["natural"], estimators["adversarial"]
     local_x, local_n = e_n.local(b.x), e_a.local(b.n)
     return (
-        mi_per_sample(local_x, e_n.global_(b.g_nat), mode, estimate),
-        mi_per_sample(local_x, e_n.global_(b.g_adv), mode, estimate),
-        mi_per_sample(local_n, e_a.global_(b.g_nat), mode, estimate),
-        mi_per_sample(local_n, e_a.global_(b.g_adv), mode, estimate),
+        mi_per_sample(local_x, e_n.global_(b.g_nat), mode, estimate, quirks),
+        mi_per_sample(local_x, e_n.global_(b.g_adv), mode, estimate, quirks),
+        mi_per_sample(local_n, e_a.global_(b.g_nat), mode, estimate, quirks),
+        mi_per_sample(local_n, e_a.global_(b.g_adv), mode, estimate, quirks),
     )
+
+
+class ReleasePasses:
+    """``--release-passes`` in stage 2: the estimators' BatchNorm running statistics as the
+    release's per-term passes left them (``release_stage2_passes``). Create it before the
+    step's own passes; ``finish`` replays the release's sequence once the sets are known."""
+
+    def __init__(self, estimators):
+        self.replays = {kind: (BatchNormReplay(est.local), BatchNormReplay(est.global_))
+                        for kind, est in estimators.items()}
+
+    def finish(self, b: AdvBatch, sel) -> None:
+        order = release_stage2_passes(int(sel.correct.sum()), int(sel.right.sum()), int(sel.wrong.sum()))
+        for kind, pattern in (("natural", b.x), ("adversarial", b.n)):
+            local, global_ = self.replays[kind]
+            local.run([pattern] * len(order[kind]))
+            global_.run([b.g_nat if which == "nat" else b.g_adv for which in order[kind]])
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -196,8 +226,8 @@ def evaluate_mi_table(setup: Setup, estimators: nn.ModuleDict, args, progress: b
     with eval_mode(estimators):
         for b in _eval_batches(setup, args, progress):
             with torch.no_grad():
-                sel = select_samples(b.logits_nat, b.logits_adv, b.y)
-                table.update(*mi_vectors(estimators, b, args.mi_mode, estimate=True), sel)
+                sel = select_samples(b.logits_nat, b.logits_adv, b.y, over_batch=args.quirks.selection)
+                table.update(*mi_vectors(estimators, b, args.mi_mode, estimate=True, quirks=args.quirks), sel)
             counts += _correct(b)
             total += b.y.shape[0]
     return {**table.all_reduce(setup.device).result(), **_accuracies(counts, total)}
@@ -210,8 +240,8 @@ def evaluate_standard_mi(setup: Setup, estimator: MIEstimator, args, progress: b
     with eval_mode(estimator):
         for b in _eval_batches(setup, args, progress):
             with torch.no_grad():
-                mi_x = estimator.mi(b.x, b.g_nat, args.mi_mode, estimate=True)
-                mi_xadv = estimator.mi(b.x_adv, b.g_adv, args.mi_mode, estimate=True)
+                mi_x = estimator.mi(b.x, b.g_nat, args.mi_mode, estimate=True, quirks=args.quirks)
+                mi_xadv = estimator.mi(b.x_adv, b.g_adv, args.mi_mode, estimate=True, quirks=args.quirks)
             sums += torch.stack([mi_x.sum(), mi_xadv.sum()]).double()
             counts += _correct(b)
             total += b.y.shape[0]

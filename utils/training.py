@@ -21,6 +21,7 @@ from tqdm import tqdm
 from utils import distributed
 from utils.attacks.base import bare_module, unwrap
 from utils.attacks.pgd import pgd
+from utils.release_compat import QUIRK_DEFAULTS
 
 
 class UserError(Exception):
@@ -464,6 +465,8 @@ class Run:
         if not isinstance(stored, dict):
             return
         now = self.config()
+        # A run written before the --release-* flags existed ran with each of them off.
+        stored = {**{k: v for k, v in QUIRK_DEFAULTS.items() if k in now}, **stored}
         # A flag added since (e.g. --overwrite) does not make an older run another script's.
         if set(stored) - RESUME_MAY_CHANGE != set(now) - RESUME_MAY_CHANGE:
             raise UserError(f"--resume: {self.last_path} was written by another script or version "
@@ -544,14 +547,18 @@ def format_metrics(record: dict) -> str:
 
 
 def fit_target(args, model: nn.Module, optimizer, scheduler, run: "Run", train_loader, eval_loader,
-               adversarial_step: Callable, best_file: str) -> None:
+               adversarial_step: Callable, best_file: str,
+               on_epoch: Optional[Callable[[int], None]] = None) -> None:
     """The epoch loop of stages 1 and 3.
 
     ``adversarial_step(x, y, epsilon, step_size)`` returns (loss, logits, scalars). Clean
     warm-up epochs and the ε ramp come from ``epsilon_at``; each epoch ends with clean and
-    PGD accuracy on the evaluation split and ``run.end_epoch``."""
+    PGD accuracy on the evaluation split and ``run.end_epoch``. ``on_epoch(epoch)`` is called
+    as each epoch begins."""
     for epoch in range(run.start(), args.epochs + 1):
         began = time.time()
+        if on_epoch is not None:
+            on_epoch(epoch)
         eps = epsilon_at(epoch, args)
         step_size = args.step_size * eps / args.epsilon
         if eps > 0:
