@@ -199,3 +199,82 @@ def test_resolve_mode():
         resolve_mode("fd", "KL")
     with pytest.raises(ValueError, match="--va-mode"):
         resolve_mode("mine")
+
+
+# ---------------------------------------------------------------------------------------------
+# The release's bounds (--release-dv-mask, --release-nce-mask, --release-batch-bounds; PAPER.md §10)
+
+def _random_features(n=6, h=5, loc=4, scale=3.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(n, h, loc, generator=gen), scale * torch.randn(n, h, generator=gen)
+
+
+def test_release_dv_is_ours_minus_the_closed_form_correction():
+    from utils.release_compat import Quirks
+
+    local, global_ = _random_features()
+    ours = mi_per_sample(local, global_, "dv")
+    release = mi_per_sample(local, global_, "dv", quirks=Quirks(dv_mask=True))
+    u = scores(local, global_)
+    n = u.shape[0]
+    eye = torch.eye(n, dtype=torch.bool).unsqueeze(-1)
+    lse_neg = torch.logsumexp(u.masked_fill(eye, float("-inf")), dim=1)  # (N, L), j ≠ i
+    correction = torch.nn.functional.softplus(-lse_neg).mean(dim=1)
+    assert torch.allclose(release, ours - correction, atol=1e-5)
+    assert (correction > 0).all()  # the quirk always lowers the bound
+
+
+def test_release_dv_equals_the_positive_kept_as_a_zero_score():
+    from utils.release_compat import Quirks
+
+    local, global_ = _random_features(seed=1)
+    u = scores(local, global_)
+    n = u.shape[0]
+    eye = torch.eye(n, dtype=torch.bool).unsqueeze(-1)
+    pos = torch.diagonal(u, dim1=0, dim2=1).transpose(0, 1)
+    # The release multiplied the scores by the off-diagonal mask: exp(0) = 1 stays in the sum.
+    by_hand = (pos - (torch.logsumexp(u * ~eye, dim=1) - math.log(n - 1))).mean(dim=1)
+    assert torch.allclose(mi_per_sample(local, global_, "dv", quirks=Quirks(dv_mask=True)), by_hand, atol=1e-5)
+
+
+def test_release_nce_keeps_own_locations_at_minus_ten():
+    from utils.release_compat import Quirks
+
+    local, global_ = (t.double() for t in _random_features(n=4, loc=3, scale=0.5, seed=2))
+    u = scores(local, global_)
+    n, _, n_loc = u.shape
+    expected = torch.empty(n, dtype=u.dtype)
+    for i in range(n):  # the candidates built one by one, as the DIM code lays them out
+        per_loc = []
+        for l_ in range(n_loc):
+            candidates = [u[i, i, l_]]
+            for j in range(n):
+                for m in range(n_loc):
+                    candidates.append(u.new_tensor(-10.0) if j == i else u[i, j, m])
+            per_loc.append(torch.log_softmax(torch.stack(candidates), dim=0)[0])
+        expected[i] = torch.stack(per_loc).mean()
+    got = mi_per_sample(local, global_, "nce", quirks=Quirks(nce_mask=True))
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    assert (mi_per_sample(local, global_, "nce") - got).min() > 1e-7  # extra candidates lower the bound
+    # As an estimate, log of the 1 + N·L candidates is added.
+    est = mi_per_sample(local, global_, "nce", estimate=True, quirks=Quirks(nce_mask=True))
+    assert torch.allclose(est, expected + math.log(1 + n * n_loc), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["jsd", "nce"])
+def test_release_batch_bounds_give_every_sample_the_batch_mean(mode):
+    from utils.release_compat import Quirks
+
+    local, global_ = _random_features(seed=3)
+    ours = mi_per_sample(local, global_, mode)
+    release = mi_per_sample(local, global_, mode, quirks=Quirks(batch_bounds=True))
+    assert torch.allclose(release, ours.mean().expand_as(ours))
+    assert ours.std() > 0  # per-sample values that the quirk flattens
+
+
+def test_release_batch_bounds_leave_dv_per_sample():
+    from utils.release_compat import Quirks
+
+    local, global_ = _random_features(seed=4)
+    assert torch.equal(mi_per_sample(local, global_, "dv", quirks=Quirks(batch_bounds=True, nce_mask=True)),
+                       mi_per_sample(local, global_, "dv"))

@@ -67,3 +67,19 @@ def test_masked_mean_ignores_non_finite_outside_mask():
     out.backward()
     assert out.item() == 2.0
     assert torch.isfinite(values.grad).all()
+
+
+def test_release_rule_takes_the_softmax_over_the_batch():
+    # Sample 0 prefers class 0 by its own logits, but class 1 ranks it higher against the batch.
+    logits_nat = torch.tensor([[2.0, 1.0], [5.0, -3.0], [4.0, -1.0]])
+    y = torch.tensor([0, 0, 0])
+    assert predict(logits_nat).tolist() == [0, 0, 0]
+    by_hand = (logits_nat - torch.logsumexp(logits_nat, dim=0)).argmax(dim=1)  # softmax over dim 0, then argmax
+    assert predict(logits_nat, over_batch=True).tolist() == by_hand.tolist() == [1, 0, 0]
+    logits_adv = torch.tensor([[0.0, 3.0], [1.0, 0.0], [0.0, 0.5]])  # by classes: samples 0 and 2 fooled
+    ours = select_samples(logits_nat, logits_adv, y)
+    release = select_samples(logits_nat, logits_adv, y, over_batch=True)
+    assert ours.wrong.tolist() == [True, False, True]
+    assert release.correct.tolist() == [False, True, True]
+    assert release.wrong.tolist() != ours.wrong.tolist()
+    assert torch.equal(release.right | release.wrong, release.correct)

@@ -102,7 +102,7 @@ def test_every_preset_gives_stage_2_and_stage_3_the_same_estimator_shape(tmp_pat
     import train_MI_estimator
     import train_MIAT
 
-    for preset in ("demo", "paper-cifar10", "paper-tinyimagenet"):
+    for preset in ("demo", "paper-cifar10", "paper-tinyimagenet", "release"):
         args, extra = run_pipeline.build_parser().parse_known_args(["--preset", preset, "--out-dir", str(tmp_path)])
         pipe = run_pipeline.Pipeline(args, extra)
         two = train_MI_estimator.parse_args(pipe.argv(train_MI_estimator, "stage2", "--pre-target", "x"))
@@ -228,3 +228,31 @@ def test_a_folder_of_another_seed_is_refused(tmp_path, capsys):
     assert_user_error(result, "--seeds", "seed 5")
     result = run_script(capsys, "run_pipeline", ["--method", "wmim", "--ablations", "--out-dir", tmp_path])
     assert_user_error(result, "--ablations")
+
+
+def test_release_preset_runs_the_release_settings_and_quirks(tmp_path, capsys):
+    import train_MI_estimator
+    import train_MI_estimator_only_max
+    import train_MIAT
+    from utils.release_compat import Quirks
+
+    code, out, err = run_script(capsys, "run_pipeline", ["--preset", "release", "--out-dir", tmp_path, "--dry-run"])
+    assert code == 0, err
+    commands = {line.split()[1]: line for line in out.splitlines() if line.startswith("python ")}
+    stage2 = train_MI_estimator.parse_args(commands["train_MI_estimator.py"].split()[2:])
+    assert (stage2.distance, stage2.epsilon, stage2.num_steps, stage2.step_size) == ("l_2", 0.5, 20, 0.05)
+    assert stage2.quirks == Quirks.release() and stage2.dataset == "cifar10" and stage2.arch == "resnet18"
+    eq4 = train_MI_estimator_only_max.parse_args(commands["train_MI_estimator_only_max.py"].split()[2:])
+    assert (eq4.distance, eq4.epsilon, eq4.num_steps, eq4.step_size) == ("l_inf", 0.031, 20, 0.007)
+    three = train_MIAT.parse_args(commands["train_MIAT.py"].split()[2:])
+    assert (three.num_steps, three.step_size, three.warm_up_epochs, three.release_loss, three.val_size) == \
+        (40, 0.007, 2, True, 0)
+    assert three.quirks == Quirks.release() and three.lam == 0.1  # λ is unused: the release loss has no λ term
+    assert "test_comparison.py" in commands and "train_standard.py" in commands
+    assert "--release-compat" not in commands["test_comparison.py"]
+
+
+@pytest.mark.parametrize("flags", [["--method", "wmim"], ["--method", "all"], ["--ablations"]])
+def test_release_preset_refuses_what_the_release_never_ran(flags, tmp_path, capsys):
+    assert_user_error(run_script(capsys, "run_pipeline", ["--preset", "release", "--out-dir", tmp_path,
+                                                          "--dry-run", *flags]), "--preset release")

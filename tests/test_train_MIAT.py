@@ -11,6 +11,7 @@ from models.estimator import build_estimator
 from tests.helpers import assert_user_error, run_script, spy_on_pgd
 from utils.attacks.pgd import pgd
 from utils.estimators import save_estimators
+from utils.patterns import select_samples
 from utils.release_compat import Quirks
 
 HSIZE = 16
@@ -366,6 +367,8 @@ def test_not_a_checkpoint(mi_dir, tmp_path, capsys):
      "--pre-local-n"),
     (["--method", "wmim"], "--mi-dir"),
     (["--release-loss", "--lam", "0.1", "--mi-dir", "x"], "--release-loss"),
+    (["--method", "wmim", "--release-selection", "--mi-dir", "x"], "--release-selection"),
+    (["--method", "wmim", "--release-passes", "--mi-dir", "x"], "--release-passes"),
 ])
 def test_bad_flags(argv, fragment, tmp_path, capsys):
     assert_user_error(run_script(capsys, "train_MIAT", [*BASE, *argv, "--model-dir", tmp_path]), fragment)
@@ -375,3 +378,73 @@ def test_paper_defaults():
     args = train_MIAT.parse_args(["--mi-dir", "x"])
     assert (args.alpha, args.lam, args.adv_loss, args.method, args.warm_up_epochs) == (5.0, 0.1, "ce", "namid", 0)
     assert args.epsilon == pytest.approx(8 / 255) and args.num_steps == 10 and args.mi_mode == "dv"
+
+
+def test_gradient_balance_is_logged_once_per_adversarial_epoch(mi_dir, tmp_path, capsys, monkeypatch):
+    measured = []
+    real = train_MIAT.namid_objective
+
+    def spy(*a, measure_grads=False, **k):
+        measured.append(measure_grads)
+        return real(*a, measure_grads=measure_grads, **k)
+
+    monkeypatch.setattr(train_MIAT, "namid_objective", spy)
+    out = tmp_path / "run"
+    argv = [*BASE, "--epochs", "3", "--warm-up-epochs", "1", "--mi-dir", mi_dir, "--model-dir", out]
+    code, _, err = run_script(capsys, "train_MIAT", argv)
+    assert code == 0, err
+    batches = len(measured) // 2
+    assert measured == ([True] + [False] * (batches - 1)) * 2  # the first batch of epochs 2 and 3
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "grad_adv" not in records[0]  # a clean warm-up epoch has no MI term
+    for r in records[1:]:
+        assert r["grad_adv"] > 0 and r["grad_mi"] >= 0
+        assert r["grad_ratio"] == pytest.approx(r["grad_mi"] / r["grad_adv"], rel=1e-5)
+    # α = 5 on random estimators: the line that names --alpha appears once per epoch above the limit.
+    above = sum(r["grad_ratio"] > 10 for r in records[1:])
+    assert err.count("consider a smaller --alpha") == above
+
+
+def test_balance_warning_names_alpha(capsys):
+    train_MIAT.warn_if_unbalanced({"grad_ratio": torch.tensor(12.5)}, alpha=5.0)
+    train_MIAT.warn_if_unbalanced({"grad_ratio": torch.tensor(9.5)}, alpha=5.0)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "12.5" in lines[0] and "--alpha (now 5)" in lines[0]
+
+
+def test_release_compat_is_recorded_and_resume_refuses_a_change(mi_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_script(capsys, "train_MIAT", [*BASE, "--release-compat", "--mi-dir", mi_dir,
+                                                     "--model-dir", out])
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["release_compat"] and all(config[f"release_{q}"] for q in
+                                            ("selection", "dv_mask", "nce_mask", "batch_bounds", "passes", "start"))
+    resumed = run_script(capsys, "train_MIAT", [*BASE, "--epochs", "2", "--release-compat", "--release-start",
+                                                "--mi-dir", mi_dir, "--model-dir", out, "--resume"])
+    assert resumed[0] == 0, resumed[2]
+    assert_user_error(run_script(capsys, "train_MIAT", [*BASE, "--epochs", "3", "--mi-dir", mi_dir,
+                                                        "--model-dir", out, "--resume"]), "--release-")
+
+
+def test_release_selection_picks_w_by_the_softmax_over_the_batch(monkeypatch):
+    model, est_n, est_a, x, y = setup(n=64)
+    model.eval()  # no dropout: both calls see the same logits
+    x_adv = (x + 0.3 * torch.rand_like(x)).clamp(0, 1)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        expected = select_samples(model(x), model(x_adv), y, over_batch=True).wrong
+        ours = select_samples(model(x), model(x_adv), y).wrong
+    assert not torch.equal(expected, ours)
+    _, _, extra = train_MIAT.namid_objective(model, est_n, est_a, x, x_adv, y,
+                                             objective_args(quirks=Quirks(selection=True)))
+    assert extra["w_size"] == expected.sum()
+
+
+def test_release_start_reaches_the_training_attack(mi_dir, tmp_path, capsys, monkeypatch):
+    calls = spy_on_pgd(monkeypatch, train_MIAT)
+    code, _, err = run_script(capsys, "train_MIAT", [*BASE, "--release-start", "--mi-dir", mi_dir,
+                                                     "--model-dir", tmp_path])
+    assert code == 0, err
+    training = [c for c in calls if c["num_steps"] == 2]
+    assert training and all(c["random_start"] == "normal" for c in training)

@@ -172,7 +172,7 @@ def test_empty_sets_train_on_without_nan(pre_target, tmp_path, capsys, monkeypat
 
 
 def test_max_with_nothing_correct_or_fooled(pre_target, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train_MI_estimator_only_max, "select_samples", 
+    monkeypatch.setattr(train_MI_estimator_only_max, "select_samples",
                         lambda ln, la, y, **_: _masks("nothing-correct", y))
     monkeypatch.setattr(train_MI_estimator_only_max, "attack_succeeded", lambda logits, y, **_: torch.zeros_like(y) > 0)
     code, _, err = run_script(capsys, "train_MI_estimator_only_max",

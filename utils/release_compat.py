@@ -85,7 +85,10 @@ class BatchNormReplay:
     the release's repeated forward passes gave the same outputs and gradients as one pass per
     input; only the running statistics (which eval mode uses later) moved once per pass.
     Construct this before a step's own passes; ``run(inputs)`` then restores the statistics
-    and replays one gradient-free forward per input of the release's sequence, in its order."""
+    and replays one gradient-free forward per input of the release's sequence, in its order.
+    A network with dropout in front of a BatchNorm layer (not the release's) would have drawn
+    other masks in each of the release's passes; the replay draws its own, and leaves the
+    random-number streams as it found them."""
 
     def __init__(self, module: nn.Module):
         self.module = unwrap(module)  # no DDP buffer broadcast or gradient hooks for the replay
@@ -99,7 +102,9 @@ class BatchNormReplay:
                 # see a version bump (train-mode BatchNorm does not read them in backward).
                 getattr(layer, name).data.copy_(value)
         forward = forward or self.module
-        with torch.no_grad():
+        # No random number drawn here (dropout) may shift what the run draws next.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
             for x in inputs:
                 forward(x)
 
