@@ -7,7 +7,6 @@ last.pth, config.json, metrics.jsonl and curves.png to --model-dir."""
 
 import sys
 
-import torch
 from tqdm import tqdm
 
 from utils import distributed
@@ -35,13 +34,10 @@ from utils.estimators import (
     internal_layer,
     load_estimators,
     load_standard_estimator,
-    target_outputs,
 )
-from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS, BALANCE_LIMIT, adversarial_loss, grad_balance
-from utils.mi import mi_per_sample
-from utils.mi_objectives import namid_loss
-from utils.patterns import select_samples, split_patterns
-from utils.release_compat import BatchNormReplay, add_release_args, finish_release_args, release_stage3_passes
+from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS, BALANCE_LIMIT
+from utils.namid import freeze, namid_objective, wmim_objective
+from utils.release_compat import add_release_args, finish_release_args
 from utils.training import Run, fit_target, run_main, setup_target_training
 
 
@@ -112,72 +108,17 @@ def parse_args(argv=None):
     return args
 
 
-def freeze(module):
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
+def namid_kwargs(args) -> dict:
+    """The keyword arguments of ``utils.namid.namid_objective`` that the flags set."""
+    return dict(alpha=args.alpha, lam=args.lam, adv_loss=args.adv_loss, beta=args.beta, mode=args.mi_mode,
+                layer=internal_layer(args), use_nat=not args.no_nat_mi, use_adv=not args.no_adv_mi,
+                release_loss=args.release_loss, quirks=args.quirks)
 
 
-def namid_objective(model, est_n, est_a, x, x_adv, y, args, measure_grads=False):
-    """L_all = L_adv + α·L_mi (Eq. 9) for one batch, with the model in train mode.
-
-    One forward of x and one of x̃ serve L_adv, the selection of W and all four MI terms; the
-    frozen local nets see x and n once each, without gradient, so θ is trained through the
-    global nets only. ``args.quirks`` switches on the release's numerics (PAPER.md §10).
-    ``measure_grads`` adds ‖∇θ L_adv‖ and ‖∇θ α·L_mi‖ (``grad_balance``) to the scalars.
-    Returns (L_all, logits of x̃, per-batch scalars to log)."""
-    quirks = args.quirks
-    layer = internal_layer(args)
-    use_nat, use_adv = not args.no_nat_mi, not args.no_adv_mi
-    replay = BatchNormReplay(model) if quirks.passes else None
-    logits_nat, g_nat = target_outputs(model, x, layer)
-    logits_adv, g_adv = target_outputs(model, x_adv, layer)
-    l_adv = adversarial_loss(args.adv_loss, logits_adv, y, logits_nat, args.beta)
-    natural, noise = split_patterns(x, x_adv)
-    if quirks.selection:
-        # The release's softmax runs over the whole batch: under torchrun, the global one.
-        nat_all, adv_all, y_all = distributed.gather_batch(logits_nat.detach(), logits_adv.detach(), y)
-        wrong = select_samples(nat_all, adv_all, y_all, over_batch=True).wrong
-        g_nat, g_adv, natural, noise = distributed.gather_batch(g_nat, g_adv, natural, noise)
-    else:
-        wrong = select_samples(logits_nat.detach(), logits_adv.detach(), y).wrong
-        # Under torchrun the MI terms range over the global batch, as in one process.
-        g_nat, g_adv, natural, noise, wrong = distributed.gather_batch(g_nat, g_adv, natural, noise, wrong)
-    mi_n_nat = mi_n_adv = mi_a_nat = mi_a_adv = torch.zeros(wrong.shape[0], device=wrong.device)
-    with torch.no_grad():
-        local_n = est_n.local(natural) if use_nat else None
-        local_a = est_a.local(noise) if use_adv else None
-    if use_nat:
-        mi_n_nat = mi_per_sample(local_n, est_n.global_(g_nat), args.mi_mode, quirks=quirks)
-        mi_n_adv = mi_per_sample(local_n, est_n.global_(g_adv), args.mi_mode, quirks=quirks)
-    if use_adv:
-        mi_a_nat = mi_per_sample(local_a, est_a.global_(g_nat), args.mi_mode, quirks=quirks)
-        mi_a_adv = mi_per_sample(local_a, est_a.global_(g_adv), args.mi_mode, quirks=quirks)
-    l_mi, terms = namid_loss(mi_n_nat, mi_n_adv, mi_a_nat, mi_a_adv, wrong, lam=args.lam, use_nat=use_nat,
-                             use_adv=use_adv, release=args.release_loss)
-    if replay is not None:
-        replay.run(release_stage3_passes(x, x_adv, bool(wrong.any())))
-    extra = {"l_adv": l_adv.detach(), "l_mi": l_mi.detach(), **terms, "w_size": wrong.sum().float()}
-    if measure_grads:
-        extra.update(grad_balance(model, l_adv, args.alpha * l_mi))
-    return l_adv + args.alpha * l_mi, logits_adv, extra
-
-
-def wmim_loss(model, standard, x, x_adv, y, args, measure_grads=False):
-    """WMIM (after Zhu et al. 2020): L_adv − α · mean Î(x̃; h(x̃)) with a frozen standard-MI estimator."""
-    layer = internal_layer(args)
-    logits_nat = target_outputs(model, x, layer)[0] if args.adv_loss != "ce" else None
-    logits_adv, g_adv = target_outputs(model, x_adv, layer)
-    l_adv = adversarial_loss(args.adv_loss, logits_adv, y, logits_nat, args.beta)
-    x_adv_all, g_adv = distributed.gather_batch(x_adv, g_adv)  # the global batch under torchrun
-    with torch.no_grad():
-        local = standard.local(x_adv_all)
-    standard_mi = mi_per_sample(local, standard.global_(g_adv), args.mi_mode, quirks=args.quirks).mean()
-    extra = {"l_adv": l_adv.detach(), "standard_mi": standard_mi.detach()}
-    if measure_grads:
-        extra.update(grad_balance(model, l_adv, -args.alpha * standard_mi))
-    return l_adv - args.alpha * standard_mi, logits_adv, extra
+def wmim_kwargs(args) -> dict:
+    """The keyword arguments of ``utils.namid.wmim_objective`` that the flags set."""
+    return dict(alpha=args.alpha, adv_loss=args.adv_loss, beta=args.beta, mode=args.mi_mode,
+                layer=internal_layer(args), quirks=args.quirks)
 
 
 def main(argv=None):
@@ -198,15 +139,17 @@ def main(argv=None):
     attack_loss, start = ATTACK_FOR_LOSS[args.adv_loss]
     if args.quirks.start:
         start = "normal"
-    objective = wmim_loss if args.method == "wmim" else namid_objective
-    nets = (standard,) if args.method == "wmim" else (est_n, est_a)
+    if args.method == "wmim":
+        objective, nets, kwargs = wmim_objective, (standard,), wmim_kwargs(args)
+    else:
+        objective, nets, kwargs = namid_objective, (est_n, est_a), namid_kwargs(args)
     # The gradient balance is measured on the first adversarial batch of each epoch.
     balance = {"pending": False}
 
     def adversarial_step(x, y, eps, step_size):
         x_adv = pgd(model, x, y, eps, step_size, args.num_steps, args.distance, attack_loss, start)
         measure, balance["pending"] = balance["pending"], False
-        loss, logits_adv, extra = objective(model, *nets, x, x_adv, y, args, measure_grads=measure)
+        loss, logits_adv, extra = objective(model, *nets, x, x_adv, y, **kwargs, measure_grads=measure)
         if measure:
             warn_if_unbalanced(extra, args.alpha)
         return loss, logits_adv, extra

@@ -43,7 +43,9 @@ from utils.attacks.pgd import pgd  # noqa: E402
 from utils.data import BatchLoader, load_splits  # noqa: E402
 from utils.losses import ATTACK_FOR_LOSS  # noqa: E402
 from utils.mi_objectives import estimator_loss_release  # noqa: E402
+from utils.namid import freeze, namid_objective  # noqa: E402
 from utils.patterns import select_samples  # noqa: E402
+from utils.release_compat import Quirks  # noqa: E402
 from utils.training import FastPath, evaluate, speed_up, train_epoch  # noqa: E402
 
 CASES = ("train-step", "estimator-step", "namid-step", "pgd40-eval", "autoattack-100")
@@ -250,7 +252,8 @@ def step_config(args) -> SimpleNamespace:
     """The flags our objectives read (train_MIAT/train_MI_estimator defaults) and the reference's budget."""
     return SimpleNamespace(epsilon=EPSILON, step_size=EPSILON / 4, num_steps=args.pgd_steps, distance="l_inf",
                            loss="ce", adv_loss="ce", beta=6.0, alpha=5.0, lam=0.1, no_adv_mi=False, no_nat_mi=False,
-                           release_loss=False, mi_mode="dv", is_internal=False, is_internal_last=False)
+                           release_loss=False, mi_mode="dv", is_internal=False, is_internal_last=False,
+                           quirks=Quirks())
 
 
 # --------------------------------------------------------------------------- our steps (as the scripts build them)
@@ -284,7 +287,7 @@ def ours_namid_step(model, est_n, est_a, cfg):
 
     def step(x, y):
         x_adv = pgd(model, x, y, cfg.epsilon, cfg.step_size, cfg.num_steps, cfg.distance, attack_loss, start)
-        return train_MIAT.namid_objective(model, est_n, est_a, x, x_adv, y, cfg)
+        return namid_objective(model, est_n, est_a, x, x_adv, y, **train_MIAT.namid_kwargs(cfg))
     return step
 
 
@@ -343,7 +346,7 @@ def time_ours(case: str, arch: str, args, device, split, info):
         step = ours_estimator_step(model, trained, cfg)
         notes = f"H={args.va_hsize}; PGD-{cfg.num_steps} + 2 no-grad target forwards, each local net once"
     else:
-        est_n, est_a = (train_MIAT.freeze(e) for e in estimators(arch, args.va_hsize, device, args.seed))
+        est_n, est_a = (freeze(e) for e in estimators(arch, args.va_hsize, device, args.seed))
         trained, optimizer, step = model, sgd(model), ours_namid_step(model, est_n, est_a, cfg)
         notes = f"H={args.va_hsize}; PGD-{cfg.num_steps} + 2 target forwards, each local net once"
     reset_peak(device)
@@ -393,7 +396,7 @@ def time_reference(case: str, arch: str, args, device, split):
         notes = (f"H={args.va_hsize}; the release's PGD-{cfg.num_steps} + 6 target forwards, "
                  "each local net twice")
     else:
-        est_n, est_a = (train_MIAT.freeze(e) for e in estimators(arch, args.va_hsize, device, args.seed))
+        est_n, est_a = (freeze(e) for e in estimators(arch, args.va_hsize, device, args.seed))
         optimizer = sgd(model)
         for x, y in clock:
             ref.namid_step(model, est_n, est_a, optimizer, x, y, cfg)

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from utils.losses import adversarial_loss
 from utils.mi import mi_per_sample
-from utils.mi_objectives import estimator_loss_release, namid_loss
+from utils.mi_objectives import estimator_loss_release
+from utils.namid import namid_loss
 from utils.patterns import select_samples
 
 Tensor = torch.Tensor

@@ -6,21 +6,19 @@ from all processes (utils.distributed.gather_batch). The first process writes th
 and the estimators' gradients to the path in argv[1]."""
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train_MIAT  # noqa: E402
 from models.estimator import build_estimator  # noqa: E402
 from tests.ddp_worker import save_gradients  # noqa: E402
 from utils import distributed  # noqa: E402
 from utils.data import load_splits  # noqa: E402
 from utils.mi_objectives import estimator_loss_release  # noqa: E402
+from utils.namid import freeze, namid_objective  # noqa: E402
 from utils.patterns import select_samples, split_patterns  # noqa: E402
-from utils.release_compat import Quirks  # noqa: E402
 from utils.stage2 import AdvBatch, global_batch, mi_vectors  # noqa: E402
 
 BATCH = 16
@@ -44,11 +42,8 @@ def gradients() -> dict:
 
     # Stage 3: the NAMID objective through DDP, estimators frozen.
     model = distributed.wrap(net)
-    args = SimpleNamespace(adv_loss="ce", beta=6.0, alpha=5.0, lam=0.1, no_adv_mi=False, no_nat_mi=False,
-                           release_loss=False, mi_mode="dv", is_internal=False, is_internal_last=False,
-                           quirks=Quirks())
-    frozen = [train_MIAT.freeze(e) for e in (est_n, est_a)]
-    loss, _, extra = train_MIAT.namid_objective(model, *frozen, x[mine], x_adv[mine], y[mine], args)
+    frozen = [freeze(e) for e in (est_n, est_a)]
+    loss, _, extra = namid_objective(model, *frozen, x[mine], x_adv[mine], y[mine], alpha=5.0, lam=0.1)
     loss.backward()
     grads.update({f"target.{k}": p.grad for k, p in net.named_parameters()})
     grads["w_size"] = extra["w_size"]

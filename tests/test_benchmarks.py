@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-import train_MIAT
 from benchmarks import benchmark
 from benchmarks import release_reference as ref
 from models.estimator import build_estimator
+from utils.namid import freeze
 
 HSIZE = 16
 STEPS = 3
@@ -60,7 +60,7 @@ def test_default_out_is_named_after_the_device():
 
 def test_reference_namid_runs_the_target_seven_times_ours_twice():
     model, x, y = model_and_batch()
-    est_n, est_a = (train_MIAT.freeze(build_estimator(1, 10, HSIZE)) for _ in range(2))
+    est_n, est_a = (freeze(build_estimator(1, 10, HSIZE)) for _ in range(2))
     calls = count_forwards(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     ref.namid_step(model, est_n, est_a, optimizer, x, y, cfg())

@@ -9,7 +9,6 @@ from utils.mi_objectives import (
     estimator_loss_paper,
     estimator_loss_release,
     mi_table,
-    namid_loss,
     safe_cosine,
 )
 from utils.patterns import Selection
@@ -133,73 +132,6 @@ def test_max_objective_by_hand():
     assert loss_n.item() == 0.0 and loss_a.item() == 0.0
     (loss_n + loss_a).backward()
     assert torch.isfinite(n_nat.grad).all() and torch.isfinite(a_adv.grad).all()
-
-
-# namid_loss on W = {2, 3}; the λ term is 0.1·mean_W[Î_a(n, h(x̃)) − Î_n(x, h(x̃))].
-COS_NAT = abs(1 - COS_N_W)
-COS_ADV = abs(1 - COS_A_W)
-MEAN_W_A_ADV = (1 + 3) / 2
-MEAN_W_N_ADV = (1 + 2) / 2
-
-
-def test_namid_loss_paper_form_by_hand():
-    loss, terms = namid_loss(*_vectors(), SEL.wrong, lam=0.1)
-    lam_term = 0.1 * (MEAN_W_A_ADV - MEAN_W_N_ADV)
-    _close(loss, COS_NAT + COS_ADV + lam_term)
-    _close(terms["cos_nat"], COS_NAT)
-    _close(terms["cos_adv"], COS_ADV)
-    _close(terms["lam_term"], lam_term)
-
-
-def test_namid_loss_release_form_by_hand():
-    loss, terms = namid_loss(*_vectors(), SEL.wrong, release=True)
-    _close(loss, COS_NAT + COS_ADV)
-    assert terms["lam_term"].item() == 0.0
-
-
-@pytest.mark.parametrize(
-    "flags, expected",
-    [
-        (dict(use_nat=False), (0.0, COS_ADV, 0.1 * MEAN_W_A_ADV)),
-        (dict(use_adv=False), (COS_NAT, 0.0, -0.1 * MEAN_W_N_ADV)),
-        (dict(lam=0.0), (COS_NAT, COS_ADV, 0.0)),
-        (dict(use_nat=False, use_adv=False), (0.0, 0.0, 0.0)),
-        (dict(use_nat=False, release=True), (0.0, COS_ADV, 0.0)),
-    ],
-)
-def test_namid_ablations_remove_exactly_their_terms(flags, expected):
-    loss, terms = namid_loss(*_vectors(), SEL.wrong, **flags)
-    for key, value in zip(("cos_nat", "cos_adv", "lam_term"), expected):
-        _close(terms[key], value)
-    _close(loss, sum(expected))
-
-
-def _untouched(t):
-    return t.grad is None or t.grad.abs().sum() == 0
-
-
-def test_namid_ablation_gradients():
-    # Without the natural-MI terms nothing reaches Î_n; without the adversarial ones nothing reaches Î_a.
-    vecs = _vectors(requires_grad=True)
-    namid_loss(*vecs, SEL.wrong, use_nat=False)[0].backward()
-    assert _untouched(vecs[0]) and _untouched(vecs[1])
-    assert vecs[3].grad.abs().sum() > 0
-    vecs = _vectors(requires_grad=True)
-    namid_loss(*vecs, SEL.wrong, use_adv=False)[0].backward()
-    assert _untouched(vecs[2]) and _untouched(vecs[3])
-    assert vecs[1].grad.abs().sum() > 0
-    # Nothing outside W receives gradient.
-    assert vecs[1].grad[[0, 1, 4, 5]].abs().sum() == 0
-
-
-@pytest.mark.parametrize("release", [False, True])
-def test_namid_loss_empty_w(release):
-    vecs = _vectors(requires_grad=True)
-    loss, terms = namid_loss(*vecs, torch.zeros(6, dtype=torch.bool), release=release)
-    assert loss.item() == 0.0
-    assert all(t.item() == 0.0 for t in terms.values())
-    loss.backward()
-    assert all(v.grad is not None and torch.isfinite(v.grad).all() for v in vecs)
 
 
 def test_mi_table_by_hand():

@@ -9,6 +9,7 @@ import train_MI_estimator
 import train_MIAT
 from models import get_model
 from models.estimator import build_estimator
+from utils.namid import freeze, namid_objective
 from utils.patterns import select_samples
 from utils.release_compat import (
     QUIRK_FLAGS,
@@ -85,18 +86,17 @@ def test_stage3_passes_leave_the_release_statistics_and_the_same_gradients():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     nn.init.normal_([m for m in model.modules() if isinstance(m, nn.Linear)][-1].weight)
-    est_n, est_a = (train_MIAT.freeze(build_estimator(3, 10, 16)) for _ in range(2))
+    est_n, est_a = (freeze(build_estimator(3, 10, 16)) for _ in range(2))
     x = torch.rand(32, 3, 32, 32)
     with torch.no_grad():
         y = model(x).argmax(1)  # all correct on x
     x_adv = (x + 0.3 * torch.rand_like(x)).clamp(0, 1)
-    from tests.test_train_MIAT import objective_args
+    from tests.test_namid import objective_args
 
     results = {}
     for passes in (False, True):
         m = copy.deepcopy(model)
-        loss, _, extra = train_MIAT.namid_objective(m, est_n, est_a, x, x_adv, y,
-                                                    objective_args(quirks=Quirks(passes=passes)))
+        loss, _, extra = namid_objective(m, est_n, est_a, x, x_adv, y, **objective_args(quirks=Quirks(passes=passes)))
         loss.backward()
         results[passes] = (m, loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters()]), extra)
     assert results[True][3]["w_size"] > 0

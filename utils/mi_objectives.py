@@ -1,4 +1,5 @@
-"""Stage-2 estimator objectives (PAPER.md §5) and the stage-3 NAMID loss L_mi (§6).
+"""Stage-2 estimator objectives (PAPER.md §5) and the Fig. 4 table; the stage-3 loss L_mi
+(§6) is ``utils.namid.namid_loss``.
 
 All functions are pure functions of per-sample MI vectors (shape (N,), from ``mi_per_sample``):
     mi_n_nat = Î_n(x, h(x))     natural MI of the natural input
@@ -31,11 +32,13 @@ def safe_cosine(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     return dot / ((a * a).sum() * (b * b).sum()).clamp_min(eps * eps).sqrt()
 
 
-def _count(mask: Tensor, like: Tensor) -> Tensor:
+def set_size(mask: Tensor, like: Tensor) -> Tensor:
+    """|S| in ``like``'s dtype."""
     return mask.sum().to(like.dtype)
 
 
-def _if_nonempty(count: Tensor, term: Tensor) -> Tensor:
+def if_nonempty(count: Tensor, term: Tensor) -> Tensor:
+    """``term`` where the set of ``count`` elements is not empty, else a zero (no NaN, still attached)."""
     return torch.where(count > 0, term, torch.zeros_like(term))
 
 
@@ -60,7 +63,7 @@ def estimator_loss_release(
     w = ``cos_weight``, r = ``r_weight``, w_R = ``a_r_cos_weight``, s_R = ``a_r_sum_weight``.
     L_R (L_W) is 0 when R (W) is empty; when C is empty L = mean a_n(x) (mean a_a(x̃)) over the batch.
     """
-    n_c, n_r, n_w = (_count(m, mi_n_nat) for m in (sel.correct, sel.right, sel.wrong))
+    n_c, n_r, n_w = (set_size(m, mi_n_nat) for m in (sel.correct, sel.right, sel.wrong))
 
     an_x, an_xa = -mi_n_nat, -mi_n_adv
     an_x_r, an_xa_r = restrict(an_x, sel.right), restrict(an_xa, sel.right)
@@ -68,7 +71,7 @@ def estimator_loss_release(
     c_den = n_c.clamp_min(1)
     n_r_term = cos_weight * (1 - safe_cosine(an_x_r, an_xa_r)).abs() + an_x_r.sum() / c_den
     n_w_term = cos_weight * safe_cosine(an_x_w, an_xa_w).abs() + an_x_w.sum() / c_den
-    loss_n = _if_nonempty(n_w, n_w_term) + r_weight * _if_nonempty(n_r, n_r_term)
+    loss_n = if_nonempty(n_w, n_w_term) + r_weight * if_nonempty(n_r, n_r_term)
     loss_n = torch.where(n_c > 0, loss_n, an_x.mean())
 
     aa_x, aa_xa = -mi_a_nat, -mi_a_adv
@@ -79,7 +82,7 @@ def estimator_loss_release(
         a_r_cos_weight * (1 - safe_cosine(aa_x_r, aa_xa_r)).abs()
         - a_r_sum_weight * aa_xa_r.sum() / n_r.clamp_min(1)
     )
-    loss_a = _if_nonempty(n_w, a_w_term) + r_weight * _if_nonempty(n_r, a_r_term)
+    loss_a = if_nonempty(n_w, a_w_term) + r_weight * if_nonempty(n_r, a_r_term)
     loss_a = torch.where(n_c > 0, loss_a, aa_xa.mean())
     return loss_n, loss_a
 
@@ -104,43 +107,6 @@ def estimator_loss_max(
     E_n maximises mean_C Î_n(x, h(x)); E_a maximises Î_a(n, h(x̃)) averaged over ``fooled``,
     the samples whose attack succeeded (pred(x̃) ≠ y, ``utils.patterns.attack_succeeded``)."""
     return -masked_mean(mi_n_nat, correct), -masked_mean(mi_a_adv, fooled)
-
-
-def namid_loss(
-    mi_n_nat: Tensor,
-    mi_n_adv: Tensor,
-    mi_a_nat: Tensor,
-    mi_a_adv: Tensor,
-    wrong: Tensor,
-    lam: float = 0.1,
-    use_nat: bool = True,
-    use_adv: bool = True,
-    release: bool = False,
-) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Stage-3 MI loss L_mi on W (§6, paper Eq. 7–9); the caller multiplies it by α.
-
-    L_mi = |1 − cos(a_n(x)|W, a_n(x̃)|W)| + |1 − cos(a_a(x)|W, a_a(x̃)|W)|
-           + λ·mean_W[Î_a(n, h(x̃)) − Î_n(x, h(x̃))];   L_mi = 0 when W is empty.
-    ``use_nat=False`` drops the natural-MI terms (the a_n cosine and −Î_n in the λ term),
-    ``use_adv=False`` the adversarial-MI terms (the a_a cosine and Î_a in the λ term): the
-    ablations of Fig. 5. ``release=True`` keeps only the cosines (the release's λ = 0).
-    Returns (L_mi, terms) with detached scalars ``cos_nat``, ``cos_adv``, ``lam_term``
-    (the λ-weighted term) that sum to L_mi; a disabled term is 0."""
-    n_w = _count(wrong, mi_n_nat)
-    zero = restrict(mi_n_nat, wrong).sum() * 0.0  # attached, so L_mi.backward() works with all terms off
-    cos_nat, cos_adv, gap = zero, zero, zero
-    if use_nat:
-        cos_nat = (1 - safe_cosine(restrict(-mi_n_nat, wrong), restrict(-mi_n_adv, wrong))).abs()
-        gap = gap - masked_mean(mi_n_adv, wrong)
-    if use_adv:
-        cos_adv = (1 - safe_cosine(restrict(-mi_a_nat, wrong), restrict(-mi_a_adv, wrong))).abs()
-        gap = gap + masked_mean(mi_a_adv, wrong)
-    lam_term = zero if release else lam * gap
-    # With W empty both cosines are 0, so |1 − cos| would be 1: zero them explicitly.
-    cos_nat, cos_adv, lam_term = (_if_nonempty(n_w, t) for t in (cos_nat, cos_adv, lam_term))
-    loss = cos_nat + cos_adv + lam_term
-    terms = {"cos_nat": cos_nat.detach(), "cos_adv": cos_adv.detach(), "lam_term": lam_term.detach()}
-    return loss, terms
 
 
 _MI_NAMES = ("natural_mi_x", "natural_mi_xadv", "adversarial_mi_x", "adversarial_mi_xadv")
