@@ -17,7 +17,9 @@ import torch
 from models import MODEL_NAMES, get_model
 from utils.attacks.autoattack import VERSIONS as AA_VERSIONS
 from utils.attacks.registry import GROUPS, build_attack, expand_attack_names
+from utils.checkpoint import atomic_write_text, load_weights, run_config, writable_dir
 from utils.cli import Parser, add_data_args, check_positive, linf_budget_problem, number
+from utils.device import resolve_device, seed_everything
 from utils.evaluation import (
     Evaluation,
     Report,
@@ -30,18 +32,9 @@ from utils.evaluation import (
     results_json,
     sweep_table,
 )
-from utils.training import (
-    FastPath,
-    UserError,
-    atomic_write_text,
-    compiled,
-    load_weights,
-    resolve_device,
-    run_config,
-    run_main,
-    seed_everything,
-    writable_dir,
-)
+from utils.loop import FastPath
+from utils.script import UserError, run_main
+from utils.setup import compiled
 
 DEFAULT_ATTACKS = "pgd40,aa"
 DEFAULT_ARCH = "resnet18"

@@ -10,6 +10,7 @@ import sys
 from tqdm import tqdm
 
 from utils import distributed
+from utils.attacks.base import bare_module
 from utils.attacks.pgd import pgd
 from utils.cli import (
     Parser,
@@ -35,10 +36,13 @@ from utils.estimators import (
     load_estimators,
     load_standard_estimator,
 )
+from utils.loop import fit_target
 from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS, BALANCE_LIMIT
 from utils.namid import freeze, namid_objective, wmim_objective
 from utils.release_compat import add_release_args, finish_release_args
-from utils.training import Run, fit_target, run_main, setup_target_training
+from utils.run import Run
+from utils.script import run_main
+from utils.setup import fresh_model, setup, sgd
 
 
 def build_parser() -> Parser:
@@ -125,17 +129,19 @@ def main(argv=None):
     args = parse_args(argv)
     if args.mi_dir is not None:
         check_stage2_flags(args, args.mi_dir)
-    t = setup_target_training(args)
-    model = t.model
+    s = setup(args)
+    model = fresh_model(args, s.info, s.device)
+    net = bare_module(model)
     if args.method == "wmim":
-        standard = freeze(load_standard_estimator(build_one_estimator(args, t.info, t.net, t.device), args.mi_dir))
+        standard = freeze(load_standard_estimator(build_one_estimator(args, s.info, net, s.device), args.mi_dir))
     else:
-        estimators = build_estimators(args, t.info, t.net, t.device)
+        estimators = build_estimators(args, s.info, net, s.device)
         load_estimators(estimators, args.mi_dir, {
             ("natural", "local"): args.pre_local_n, ("natural", "global"): args.pre_global_n,
             ("adversarial", "local"): args.pre_local_a, ("adversarial", "global"): args.pre_global_a})
         est_n, est_a = (freeze(estimators[k]) for k in ("natural", "adversarial"))
-    run = Run(args, {"model": model, "optimizer": t.optimizer, "scheduler": t.scheduler}, t.generator, args.select_by)
+    optimizer, scheduler = sgd(model, args)
+    run = Run.from_args(args, {"model": model}, optimizer, scheduler, s.generator, args.select_by)
     attack_loss, start = ATTACK_FOR_LOSS[args.adv_loss]
     if args.quirks.start:
         start = "normal"
@@ -154,8 +160,9 @@ def main(argv=None):
             warn_if_unbalanced(extra, args.alpha)
         return loss, logits_adv, extra
 
-    fit_target(args, model, t.optimizer, t.scheduler, run, t.train_loader, t.eval_loader, adversarial_step,
-               "target_model.pth", on_epoch=lambda epoch: balance.update(pending=True))
+    first_epoch = run.start()  # 1, or the epoch after last.pth's with --resume
+    fit_target(run, first_epoch, model, s.train_loader, s.eval_loader, adversarial_step, "target_model.pth", args,
+               on_epoch=lambda epoch: balance.update(pending=True))
 
 
 def warn_if_unbalanced(extra, alpha: float, limit: float = BALANCE_LIMIT) -> None:

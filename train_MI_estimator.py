@@ -18,18 +18,19 @@ from utils.cli import Parser, check_non_negative, number
 from utils.estimators import build_estimators, estimator_best_files
 from utils.mi_objectives import estimator_loss_paper, estimator_loss_release
 from utils.patterns import select_samples
+from utils.script import run_main
 from utils.stage2 import (
     ReleasePasses,
     add_stage2_args,
     attack_batch,
+    estimator_run,
     evaluate_mi_table,
     finish_stage2_args,
-    fit,
+    fit_estimators,
     global_batch,
     mi_vectors,
     prepare,
 )
-from utils.training import run_main
 
 
 def build_parser() -> Parser:
@@ -78,8 +79,11 @@ def main(argv=None):
         return loss_n + loss_a, shard.logits_nat, {"train_loss_n": loss_n.detach(), "train_loss_a": loss_a.detach(),
                                                    "train_w_size": sel.wrong.sum(), "train_r_size": sel.right.sum()}
 
-    fit(args, setup, estimators, step, lambda: evaluate_mi_table(setup, estimators, args, not args.no_progress),
-        best=estimator_best_files(estimators))
+    run = estimator_run(args, setup, estimators)
+    first_epoch = run.start()  # 1, or the epoch after last.pth's with --resume
+    fit_estimators(run, first_epoch, args, setup, estimators, step,
+                   lambda: evaluate_mi_table(setup, estimators, args, not args.no_progress),
+                   best=estimator_best_files(estimators))
 
 
 if __name__ == "__main__":

@@ -18,17 +18,18 @@ from utils.cli import Parser
 from utils.estimators import STANDARD_FILES, build_estimators, build_one_estimator, estimator_best_files
 from utils.mi_objectives import estimator_loss_max
 from utils.patterns import attack_succeeded, select_samples
+from utils.script import run_main
 from utils.stage2 import (
     add_stage2_args,
     attack_batch,
+    estimator_run,
     evaluate_mi_table,
     evaluate_standard_mi,
     finish_stage2_args,
-    fit,
+    fit_estimators,
     global_batch,
     prepare,
 )
-from utils.training import run_main
 
 
 def build_parser() -> Parser:
@@ -62,8 +63,10 @@ def main(argv=None):
             fooled = attack_succeeded(b.logits_adv, b.y, over_batch=args.quirks.selection)
             return loss, shard.logits_nat, {"train_fooled": fooled.sum()}
 
-        fit(args, setup, estimators, step, lambda: evaluate_standard_mi(setup, estimator, args, progress),
-            best={STANDARD_FILES["local"]: estimator.local, STANDARD_FILES["global"]: estimator.global_})
+        run = estimator_run(args, setup, estimators)
+        fit_estimators(run, run.start(), args, setup, estimators, step,
+                       lambda: evaluate_standard_mi(setup, estimator, args, progress),
+                       best={STANDARD_FILES["local"]: estimator.local, STANDARD_FILES["global"]: estimator.global_})
         return
 
     estimators = nn.ModuleDict(build_estimators(args, setup.info, setup.target, setup.device))
@@ -81,8 +84,10 @@ def main(argv=None):
         return loss_n + loss_a, shard.logits_nat, {"train_loss_n": loss_n.detach(), "train_loss_a": loss_a.detach(),
                                                    "train_c_size": sel.correct.sum(), "train_fooled": fooled.sum()}
 
-    fit(args, setup, estimators, step, lambda: evaluate_mi_table(setup, estimators, args, progress),
-        best=estimator_best_files(estimators))
+    run = estimator_run(args, setup, estimators)
+    first_epoch = run.start()  # 1, or the epoch after last.pth's with --resume
+    fit_estimators(run, first_epoch, args, setup, estimators, step,
+                   lambda: evaluate_mi_table(setup, estimators, args, progress), best=estimator_best_files(estimators))
 
 
 if __name__ == "__main__":

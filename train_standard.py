@@ -19,8 +19,11 @@ from utils.cli import (
     number,
     warn_without_adversarial_epoch,
 )
+from utils.loop import fit_target
 from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS, adversarial_loss, needs_natural_logits
-from utils.training import Run, fit_target, run_main, setup_target_training
+from utils.run import Run
+from utils.script import run_main
+from utils.setup import fresh_model, setup, sgd
 
 
 def build_parser() -> Parser:
@@ -58,17 +61,18 @@ def standard_objective(model, x, x_adv, y, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    t = setup_target_training(args)
-    model = t.model
-    run = Run(args, {"model": model, "optimizer": t.optimizer, "scheduler": t.scheduler}, t.generator, args.select_by)
+    s = setup(args)
+    model = fresh_model(args, s.info, s.device)
+    optimizer, scheduler = sgd(model, args)
+    run = Run.from_args(args, {"model": model}, optimizer, scheduler, s.generator, args.select_by)
     attack_loss, start = ATTACK_FOR_LOSS[args.loss]
 
     def adversarial_step(x, y, eps, step_size):
         x_adv = pgd(model, x, y, eps, step_size, args.num_steps, args.distance, attack_loss, start)
         return standard_objective(model, x, x_adv, y, args)
 
-    fit_target(args, model, t.optimizer, t.scheduler, run, t.train_loader, t.eval_loader, adversarial_step,
-               "best_model.pth")
+    first_epoch = run.start()  # 1, or the epoch after last.pth's with --resume
+    fit_target(run, first_epoch, model, s.train_loader, s.eval_loader, adversarial_step, "best_model.pth", args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Cases (``--only``): train-step (stage 1, Standard AT with PGD-10, step ε/4), es
 namid-step (stage 3), pgd40-eval (clean forward + PGD-40 + forward) and autoattack-100
 (AutoAttack on 100 images). Data are synthetic CIFAR-shaped uint8 images (Fashion-MNIST-shaped
 for SmallCNN): ours go through ``utils.data.BatchLoader`` and the scripts' own step functions
-inside ``utils.training.train_epoch`` / ``evaluate``; the reference goes through the release's
+inside ``utils.loop.train_epoch`` / ``evaluate``; the reference goes through the release's
 PIL/torchvision ``DataLoader``. Both run the same model and batch with the same PGD budget.
 
 Prints a table and a summary of ours/reference, and writes JSON (and the table as Markdown)
@@ -41,12 +41,13 @@ from train_standard import standard_objective  # noqa: E402
 from utils.attacks.autoattack import autoattack  # noqa: E402
 from utils.attacks.pgd import pgd  # noqa: E402
 from utils.data import BatchLoader, load_splits  # noqa: E402
+from utils.loop import FastPath, evaluate, train_epoch  # noqa: E402
 from utils.losses import ATTACK_FOR_LOSS  # noqa: E402
 from utils.mi_objectives import estimator_loss_release  # noqa: E402
 from utils.namid import freeze, namid_objective  # noqa: E402
 from utils.patterns import select_samples  # noqa: E402
 from utils.release_compat import Quirks  # noqa: E402
-from utils.training import FastPath, evaluate, speed_up, train_epoch  # noqa: E402
+from utils.setup import speed_up  # noqa: E402
 
 CASES = ("train-step", "estimator-step", "namid-step", "pgd40-eval", "autoattack-100")
 DEFAULT_ARCHS = {"train-step": ("smallcnn", "resnet18")}  # every other case: ResNet-18, the paper's target
@@ -97,6 +98,7 @@ def parse_args(argv=None):
                    help="torch CPU threads (default: torch's choice); 1 on a shared, oversubscribed machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<device>.json)")
+    p.set_defaults(sync_bn=False)  # one process: utils.setup.speed_up's SyncBatchNorm stays off
     args = p.parse_args(argv)
     if args.iters is None:
         args.iters = 2 if args.quick else 10
@@ -328,7 +330,7 @@ def _result(case, arch, impl, dtype, batch, steps, epoch_name, epoch_images, not
 
 
 def time_ours(case: str, arch: str, args, device, split, info):
-    """Our step as the script builds it, inside utils.training.train_epoch over a BatchLoader.
+    """Our step as the script builds it, inside utils.loop.train_epoch over a BatchLoader.
 
     Returns (seconds of each timed step, notes, peak memory in MiB or None)."""
     cfg = step_config(args)
@@ -356,7 +358,7 @@ def time_ours(case: str, arch: str, args, device, split, info):
 
 
 def time_pgd40(arch: str, args, device, split, info):
-    """utils.training.evaluate: clean forward, PGD-40 (step ε/4), forward, under no_grad where
+    """utils.loop.evaluate: clean forward, PGD-40 (step ε/4), forward, under no_grad where
     possible; same return as time_ours."""
     model, fast, fast_note = fast_path(target(arch, device, args.seed), args)
     reset_peak(device)
@@ -554,7 +556,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = resolve(args.device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as the scripts run (utils.training.prepare_device); both sides alike
+        torch.backends.cudnn.benchmark = True  # as the scripts run (utils.device.prepare_device); both sides alike
     if args.threads:
         torch.set_num_threads(args.threads)
     name = device_name(device)

@@ -40,7 +40,7 @@ def worker(args) -> None:
     from models import get_model
     from utils import distributed
     from utils.data import BatchLoader, make_synthetic
-    from utils.training import train_epoch
+    from utils.loop import train_epoch
 
     ctx = distributed.init("cpu")
     torch.manual_seed(0)

@@ -20,8 +20,8 @@ import numpy as np
 # The script lives in data/, outside any package; make the repository's utils importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.checkpoint import atomic_write_text  # noqa: E402
 from utils.data import DATASETS, NPY_INFO, DataError, DatasetInfo, Split, load_splits  # noqa: E402
-from utils.training import atomic_write_text  # noqa: E402
 
 
 def split_arrays(split: Split):

@@ -5,7 +5,7 @@ import sys
 
 def run_script(capsys, module_name: str, argv):
     """Run ``module.main`` through ``run_main``; return (exit code, stdout, stderr)."""
-    from utils.training import run_main
+    from utils.script import run_main
 
     module = importlib.import_module(module_name)
     old = sys.argv

@@ -1,4 +1,4 @@
-"""The fast path and torchrun (utils/training.py, utils/distributed.py): same numbers, more speed."""
+"""The fast path and torchrun (utils/loop.py, utils/setup.py, utils/distributed.py): same numbers, more speed."""
 import copy
 import json
 import os
@@ -14,7 +14,8 @@ import train_standard
 from models import get_model
 from utils.attacks.base import bare_module
 from utils.attacks.pgd import pgd
-from utils.training import FastPath, compiled, speed_up
+from utils.loop import FastPath
+from utils.setup import compiled, speed_up
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,8 @@ def one_step_loss(fast: FastPath, flags: dict):
     # TRADES' init zeroes the last layer, which would make every loss log(10): randomise it.
     torch.nn.init.normal_([m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].weight, std=0.3)
     x, y = torch.rand(16, 3, 32, 32), torch.arange(16) % 10  # 3 channels: NCHW and NHWC strides differ
-    model = speed_up(copy.deepcopy(model), SimpleNamespace(**flags))
+    options = {"channels_last": False, "sync_bn": False, "compile": False, **flags}
+    model = speed_up(copy.deepcopy(model), SimpleNamespace(**options))
     model.train()
     seen = SimpleNamespace(inputs=[], logits=[])
     model.register_forward_pre_hook(lambda m, args: seen.inputs.append(args[0]))
@@ -241,7 +243,8 @@ def test_gather_batch_on_uneven_shards_with_a_bool_mask(tmp_path):
 @pytest.mark.parametrize("saved_ranks", [2, None])  # another process count; a last.pth without per-process states
 def test_resume_under_another_process_count_gives_each_process_its_own_noise(monkeypatch, tmp_path, saved_ranks):
     from utils import distributed
-    from utils.training import Run, rng_state
+    from utils.device import rng_state
+    from utils.run import Run
 
     torch.manual_seed(0)
     first = rng_state()
@@ -251,7 +254,7 @@ def test_resume_under_another_process_count_gives_each_process_its_own_noise(mon
     draws = []
     for rank in range(3):
         monkeypatch.setattr(distributed, "_CONTEXT", distributed.Context(rank=rank, world_size=3))
-        Run(SimpleNamespace(model_dir=tmp_path, seed=0), {})._restore_rng(ckpt)
+        Run(tmp_path, {}, {}, None, None, epochs=3, seed=0)._restore_rng(ckpt)
         draws.append(torch.rand(4))
     torch.manual_seed(0)
     assert torch.equal(draws[0], torch.rand(4))  # the first process continues the saved stream
@@ -260,7 +263,8 @@ def test_resume_under_another_process_count_gives_each_process_its_own_noise(mon
 
 def test_resume_under_the_same_process_count_restores_each_process_its_state(monkeypatch, tmp_path):
     from utils import distributed
-    from utils.training import Run, rng_state
+    from utils.device import rng_state
+    from utils.run import Run
 
     states = []
     for seed in (10, 11):
@@ -268,7 +272,7 @@ def test_resume_under_the_same_process_count_restores_each_process_its_state(mon
         states.append(rng_state())
     monkeypatch.setattr(distributed, "_CONTEXT", distributed.Context(rank=1, world_size=2))
     ckpt = {"rng": states[0], "rng_ranks": states, "epoch": 1}
-    Run(SimpleNamespace(model_dir=tmp_path, seed=0), {})._restore_rng(ckpt)
+    Run(tmp_path, {}, {}, None, None, epochs=3, seed=0)._restore_rng(ckpt)
     got = torch.rand(4)
     torch.manual_seed(11)
     assert torch.equal(got, torch.rand(4))

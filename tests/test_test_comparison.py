@@ -19,7 +19,7 @@ from tests.helpers import assert_user_error, run_script
 from utils import evaluation as ev
 from utils.attacks.registry import Attack, build_attack, robust_mask
 from utils.data import Split, load_splits
-from utils.training import seed_everything
+from utils.device import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 # Under pytest this file is the module "test_comparison", so the script is loaded by another name.

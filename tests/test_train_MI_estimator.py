@@ -51,14 +51,14 @@ def snapshot(module):
 def spy_on_fit(monkeypatch, module):
     """Record the estimators' and the target's weights before training, and the objects themselves."""
     seen = {}
-    real = module.fit
+    real = module.fit_estimators
 
-    def fit(args, setup, estimators, *rest, **kw):
+    def fit(run, first_epoch, args, setup, estimators, *rest, **kw):
         seen.update(before=snapshot(estimators), target_before=snapshot(setup.target), setup=setup,
                     estimators=estimators)
-        return real(args, setup, estimators, *rest, **kw)
+        return real(run, first_epoch, args, setup, estimators, *rest, **kw)
 
-    monkeypatch.setattr(module, "fit", fit)
+    monkeypatch.setattr(module, "fit_estimators", fit)
     return seen
 
 
@@ -216,13 +216,13 @@ SCRIPTS = {"train_MI_estimator": train_MI_estimator, "train_MI_estimator_only_ma
 
 
 def capture_step(monkeypatch, script, argv):
-    """Run ``script``'s main up to ``fit`` and return what it hands to it: the training step among them."""
+    """Run ``script``'s main up to ``fit_estimators`` and return what it hands to it: the training step among them."""
     seen = {}
 
-    def fit(args, setup, estimators, step, evaluate, best):
+    def fit(run, first_epoch, args, setup, estimators, step, evaluate, best):
         seen.update(args=args, setup=setup, estimators=estimators, step=step)
 
-    monkeypatch.setattr(SCRIPTS[script], "fit", fit)
+    monkeypatch.setattr(SCRIPTS[script], "fit_estimators", fit)
     SCRIPTS[script].main([str(a) for a in argv])
     assert "step" in seen
     return seen
@@ -318,11 +318,6 @@ def test_mi_vectors_reuse_local_features_and_match_mi():
     assert len(calls) == 2 + 4  # mi_vectors: one local pass per estimator; the reference: four
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-5)
-
-
-def test_json_safe_turns_nan_into_null():
-    assert stage2.json_safe({"a": float("nan"), "b": 1.5, "c": 3, "d": float("inf")}) == \
-        {"a": None, "b": 1.5, "c": 3, "d": None}
 
 
 @pytest.mark.parametrize("script", ["train_MI_estimator", "train_MI_estimator_only_max"])

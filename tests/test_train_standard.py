@@ -68,9 +68,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, capsys, mon
     assert code == 0, err
 
     # Crash in the middle of epoch 3: the loop dies after a few batches.
-    import utils.training as training
+    import utils.loop as loop
 
-    real = training.train_epoch
+    real = loop.train_epoch
     calls = {"n": 0}
 
     def crashing(model, loader, step, *a, **k):
@@ -82,10 +82,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, capsys, mon
             raise KeyboardInterrupt
         return real(model, loader, step, *a, **k)
 
-    monkeypatch.setattr(training, "train_epoch", crashing)
+    monkeypatch.setattr(loop, "train_epoch", crashing)
     code, _, err = run_script(capsys, "train_standard", [*common, "--model-dir", tmp_path / "part"])
     assert code == 130 and "--resume" in err
-    monkeypatch.setattr(training, "train_epoch", real)
+    monkeypatch.setattr(loop, "train_epoch", real)
     code, _, err = run_script(capsys, "train_standard", [*common, "--model-dir", tmp_path / "part", "--resume"])
     assert code == 0, err
 
@@ -180,12 +180,12 @@ def test_curves_that_cannot_be_written_cost_no_epoch(tmp_path, capsys):
 
 
 def test_ctrl_c_advises_resume_only_when_an_epoch_was_kept(tmp_path, capsys, monkeypatch):
-    import utils.training as training
+    import utils.loop as loop
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "train_epoch", interrupted)
+    monkeypatch.setattr(loop, "train_epoch", interrupted)
     code, _, err = run_script(capsys, "train_standard", [*TINY, "--epochs", "2", "--model-dir", tmp_path])
     assert code == 130 and "--resume" not in err and "run the same command again" in err
     # As advised: the same command runs, since no epoch of the first attempt was kept.
@@ -195,16 +195,16 @@ def test_ctrl_c_advises_resume_only_when_an_epoch_was_kept(tmp_path, capsys, mon
 
 
 def test_ctrl_c_while_the_first_epoch_is_saved_advises_overwrite(tmp_path, capsys, monkeypatch):
-    import utils.training as training
+    import utils.run as run_module
 
-    real = training.atomic_save
+    real = run_module.atomic_save
 
     def interrupted_at_last_pth(obj, path):
         if str(path).endswith("last.pth"):
             raise KeyboardInterrupt
         real(obj, path)
 
-    monkeypatch.setattr(training, "atomic_save", interrupted_at_last_pth)
+    monkeypatch.setattr(run_module, "atomic_save", interrupted_at_last_pth)
     argv = [*TINY, "--epochs", "1", "--model-dir", tmp_path]
     code, _, err = run_script(capsys, "train_standard", argv)
     assert code == 130 and "--overwrite" in err and "--resume" not in err
@@ -216,7 +216,7 @@ def test_ctrl_c_while_the_first_epoch_is_saved_advises_overwrite(tmp_path, capsy
 def test_overwrite_drops_the_old_last_pth_at_once(tmp_path, capsys, monkeypatch):
     """A Ctrl-C in the first epoch of an --overwrite run must not leave the replaced run's
     last.pth to be resumed as if it were this run's."""
-    import utils.training as training
+    import utils.loop as loop
 
     code, _, err = run_script(capsys, "train_standard", [*TINY, "--epochs", "2", "--model-dir", tmp_path])
     assert code == 0, err
@@ -224,7 +224,7 @@ def test_overwrite_drops_the_old_last_pth_at_once(tmp_path, capsys, monkeypatch)
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "train_epoch", interrupted)
+    monkeypatch.setattr(loop, "train_epoch", interrupted)
     argv = [*TINY, "--epochs", "2", "--overwrite", "--model-dir", tmp_path]
     code, _, err = run_script(capsys, "train_standard", argv)
     assert code == 130 and "--resume" not in err
@@ -245,7 +245,7 @@ def test_a_run_without_last_pth_is_not_overwritten(tmp_path, capsys):
 
 def test_a_closed_output_pipe_ends_quietly():
     """``script | head``: the reader goes away; no traceback, exit status 141 (128 + SIGPIPE)."""
-    code = "from utils.training import run_main\nrun_main(lambda: [print('x' * 99) for _ in range(10 ** 6)])"
+    code = "from utils.script import run_main\nrun_main(lambda: [print('x' * 99) for _ in range(10 ** 6)])"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.readline()
     proc.stdout.close()
@@ -410,7 +410,7 @@ def _scripted_scores(monkeypatch, scores):
     """Replace the per-epoch evaluation by the given PGD accuracies, one per call, in order.
 
     Returns (scores left, number of images in each evaluation loader)."""
-    import utils.training as training
+    import utils.loop as loop
 
     left = list(scores)
     sizes = []
@@ -420,7 +420,7 @@ def _scripted_scores(monkeypatch, scores):
         score = float(left.pop(0))
         return {"clean_acc": score, "pgd_acc": score}
 
-    monkeypatch.setattr(training, "evaluate", evaluate)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
     return left, sizes
 
 
@@ -453,7 +453,7 @@ def test_best_model_is_the_best_scoring_epoch_on_the_selection_split(val_size, s
 def test_resume_keeps_the_best_model_of_the_epochs_before_the_crash(tmp_path, capsys, monkeypatch):
     """Epoch 1 scores best; the run is interrupted after it and resumed: the worse epochs 2 and 3 must not
     replace best_model.pth, as they do not in an uninterrupted run."""
-    import utils.training as training
+    import utils.loop as loop
 
     common = [*TINY, "--epochs", "3", "--save-freq", "1"]
     left, _ = _scripted_scores(monkeypatch, [60, 40, 50])
@@ -461,7 +461,7 @@ def test_resume_keeps_the_best_model_of_the_epochs_before_the_crash(tmp_path, ca
     assert code == 0, err
     assert left == []
 
-    real = training.train_epoch
+    real = loop.train_epoch
     calls = {"n": 0}
 
     def interrupted_in_epoch_2(*a, **k):
@@ -470,12 +470,12 @@ def test_resume_keeps_the_best_model_of_the_epochs_before_the_crash(tmp_path, ca
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(training, "train_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(loop, "train_epoch", interrupted_in_epoch_2)
     _scripted_scores(monkeypatch, [60])
     code, _, err = run_script(capsys, "train_standard", [*common, "--model-dir", tmp_path / "part"])
     assert code == 130, err
     assert torch.load(tmp_path / "part" / "last.pth", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(training, "train_epoch", real)
+    monkeypatch.setattr(loop, "train_epoch", real)
     left, _ = _scripted_scores(monkeypatch, [40, 50])
     code, _, err = run_script(capsys, "train_standard", [*common, "--model-dir", tmp_path / "part", "--resume"])
     assert code == 0, err

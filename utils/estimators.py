@@ -11,7 +11,8 @@ import torch.nn as nn
 from models import feature_shapes
 from models.estimator import MIEstimator, build_estimator
 from utils.attacks.base import bare_module
-from utils.training import UserError, atomic_save, load_weights, run_config
+from utils.checkpoint import atomic_save, load_weights, run_config
+from utils.script import UserError
 
 ESTIMATOR_FILES = {
     ("natural", "local"): "local_n_model.pth",

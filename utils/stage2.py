@@ -3,15 +3,12 @@ adversarial batch, the epoch loop, the per-epoch Fig. 4 table and its bar chart.
 
 The scripts keep what is special about them: the estimators they train and their loss."""
 import argparse
-import math
-import time
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from models import get_model
 from models.estimator import MIEstimator
 from utils import distributed
 from utils.attacks.pgd import pgd
@@ -29,8 +26,9 @@ from utils.cli import (
     finish_estimator_args,
     number,
 )
-from utils.data import BatchLoader, DatasetInfo, load_splits
+from utils.data import BatchLoader, DatasetInfo
 from utils.estimators import internal_layer, target_outputs
+from utils.loop import FastPath, StepFn, eval_mode, fit, format_metrics
 from utils.mi import mi_per_sample
 from utils.mi_objectives import MITable
 from utils.patterns import select_samples, split_patterns
@@ -43,20 +41,8 @@ from utils.release_compat import (
     finish_release_args,
     release_stage2_passes,
 )
-from utils.training import (
-    FastPath,
-    Run,
-    check_finite,
-    compiled,
-    eval_mode,
-    format_metrics,
-    load_weights,
-    prepare_device,
-    seed_everything,
-    train_epoch,
-    training_loaders,
-    writable_dir,
-)
+from utils.run import Run
+from utils.setup import frozen_target, setup
 
 Tensor = torch.Tensor
 
@@ -101,37 +87,23 @@ def finish_stage2_args(p: Parser, args: argparse.Namespace) -> argparse.Namespac
 # --------------------------------------------------------------------------- setup
 
 class Setup(NamedTuple):
+    """The shared setup (``utils.setup.setup``) with stage 2's frozen target and the layer its global nets read."""
     device: torch.device
     info: DatasetInfo
-    target: nn.Module
-    layer: Optional[str]
     train_loader: BatchLoader
     eval_loader: BatchLoader
     generator: torch.Generator
+    target: nn.Module
+    layer: Optional[str]
 
 
 def prepare(args: argparse.Namespace) -> Setup:
-    """Seed, load the data and the frozen target (eval mode, no gradients), build the loaders.
-
-    Under torchrun each process takes its shard of every training batch (--batch-size is the
-    global batch) and of the evaluation split."""
-    writable_dir(args.model_dir, "--model-dir")  # before loading anything
-    device = prepare_device(args)
-    seed_everything(args.seed)
-    splits, info = load_splits(args.dataset, args.data_dir, train_limit=args.train_limit,
-                               test_limit=args.test_limit, val_size=args.val_size, seed=args.seed)
-    target = get_model(args.arch, num_classes=info.num_classes, in_channels=info.in_channels)
-    load_weights(target, args.pre_target, "--pre-target", f"--arch {args.arch} with {info.num_classes} classes")
-    target.to(device).eval().requires_grad_(False)
-    if args.channels_last:
-        target = target.to(memory_format=torch.channels_last)
-    if args.compile:
-        target = compiled(target)
-
-    generator = torch.Generator().manual_seed(args.seed)
-    # Augmented as in stage 1, so the estimators see the inputs the target was trained on.
-    train_loader, eval_loader = training_loaders(args, splits, info, device, generator)
-    return Setup(device, info, target, internal_layer(args), train_loader, eval_loader, generator)
+    """Seed, load the data, build the loaders (``utils.setup.setup``), and load the frozen target
+    (eval mode, no gradients). Under torchrun each process takes its shard of every training batch
+    (--batch-size is the global batch) and of the evaluation split; the estimators see the inputs
+    augmented as in stage 1, as the target was trained on them."""
+    shared = setup(args)
+    return Setup(*shared, frozen_target(args, shared.info, shared.device), internal_layer(args))
 
 
 # --------------------------------------------------------------------------- one adversarial batch
@@ -254,11 +226,6 @@ def _correct(b: AdvBatch) -> Tensor:
     return torch.stack([(b.logits_nat.argmax(1) == b.y).sum(), (b.logits_adv.argmax(1) == b.y).sum()]).float()
 
 
-def json_safe(metrics: Dict[str, float]) -> Dict[str, Optional[float]]:
-    """NaN (the mean over an empty set) and ±inf become None: metrics.jsonl stays strict JSON."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-
-
 # --------------------------------------------------------------------------- the bar chart
 
 def plot_mi_table(record: dict, path) -> None:
@@ -299,37 +266,24 @@ def plot_mi_table(record: dict, path) -> None:
 
 # --------------------------------------------------------------------------- the epoch loop
 
-StepFn = Callable[[Tensor, Tensor], tuple]
-
-
-def fit(args, setup: Setup, estimators: nn.ModuleDict, step: StepFn,
-        evaluate: Callable[[], Dict[str, float]], best: Dict[str, nn.Module]) -> None:
-    """Adam + MultiStepLR on the estimators; each epoch: train, evaluate, save, plot (PAPER.md §5).
-
-    Only ``estimators`` is put in train mode; the target stays frozen in eval mode. The files
-    in ``best`` are rewritten every epoch (selection by epoch number: best = last, as the
-    release kept its last epoch)."""
+def estimator_run(args, setup: Setup, estimators: nn.ModuleDict) -> Run:
+    """Adam and MultiStepLR on the estimators (PAPER.md §5), in a run that selects by epoch number:
+    the estimator files are rewritten every epoch (best = last, as the release kept its last epoch)."""
     optimizer = torch.optim.Adam(estimators.parameters(), lr=args.lr_mi)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_gamma)
-    run = Run(args, {"estimators": estimators, "optimizer": optimizer, "scheduler": scheduler}, setup.generator,
-              select_by="epoch")
-    main = distributed.context().is_main
-    progress = not args.no_progress and main
-    fast = FastPath.from_args(args)
-    for epoch in range(run.start(), args.epochs + 1):
-        began = time.time()
-        lr = optimizer.param_groups[0]["lr"]
-        stats = train_epoch(estimators, setup.train_loader, step, optimizer, f"epoch {epoch}/{args.epochs}", progress,
-                            fast)
-        stats["train_seconds"] = time.time() - began
-        check_finite(stats, epoch)
-        scheduler.step()
-        stats.update(evaluate())
-        metrics = json_safe({"epoch": epoch, "lr": lr, **stats, "seconds": time.time() - began})
-        record = run.end_epoch(epoch, metrics, best=best)
-        if main:
-            plot_mi_table(record, run.dir / "mi_table.png")
-            print(format_metrics(record) + "  " + summarize(record), flush=True)
+    return Run.from_args(args, {"estimators": estimators}, optimizer, scheduler, setup.generator, select_by="epoch")
+
+
+def fit_estimators(run: Run, first_epoch: int, args, setup: Setup, estimators: nn.ModuleDict, step: StepFn,
+                   evaluate: Callable[[], Dict[str, float]], best: Dict[str, nn.Module]) -> None:
+    """``utils.loop.fit`` for stage 2: only ``estimators`` is put in train mode (the target stays
+    frozen in eval mode); each epoch writes the table to metrics.jsonl and mi_table.png."""
+    def show(record):
+        plot_mi_table(record, run.dir / "mi_table.png")
+        print(format_metrics(record) + "  " + summarize(record), flush=True)
+
+    fit(run, first_epoch, estimators, setup.train_loader, lambda epoch: (step, {}), evaluate, best,
+        fast=FastPath.from_args(args), progress=not args.no_progress, show=show)
 
 
 def summarize(record: dict) -> str:
