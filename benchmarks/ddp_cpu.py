@@ -39,7 +39,8 @@ def worker(args) -> None:
     from benchmarks.benchmark import ours_train_step
     from models import get_model
     from utils import distributed
-    from utils.data import BatchLoader, make_synthetic
+    from utils.data import BatchLoader
+    from utils.synthetic import make_synthetic
     from utils.training import train_epoch
 
     ctx = distributed.init("cpu")

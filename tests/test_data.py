@@ -1,4 +1,5 @@
-"""utils/data.py and data/make_npy.py: loading, limits, batching, augmentation, file formats."""
+"""utils/data.py, utils/dataset_files.py, utils/synthetic.py, utils/splits.py and data/make_npy.py: loading, limits,
+batching, augmentation, file formats."""
 
 import gzip
 import importlib.util
@@ -14,16 +15,15 @@ import torch
 
 from tests.conftest import FASHION_DIR, HAVE_FASHION
 from utils import data as D
+from utils import dataset_files as files
 from utils.data import (
     BatchLoader,
-    DataError,
-    DatasetInfo,
-    Split,
     crop_flip,
     dataset_info,
     load_splits,
-    read_idx,
 )
+from utils.dataset_files import read_idx
+from utils.splits import DataError, DatasetInfo, Split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -351,7 +351,7 @@ def test_rank_shards_with_augmentation_interleave_the_single_process_batches():
 def test_npy_round_trip(tmp_path):
     splits, _ = synthetic()
     written = make_npy.write_npy(splits, tmp_path)
-    assert sorted(p.name for p in written) == sorted(D.NPY_FILES)
+    assert sorted(p.name for p in written) == sorted(files.NPY_FILES)
     images = np.load(tmp_path / "train_images.npy")
     assert images.dtype == np.uint8 and images.shape == (60, 16, 16, 3)  # NHWC
     assert np.load(tmp_path / "train_labels.npy").dtype == np.int64
@@ -369,7 +369,7 @@ def test_npy_keeps_the_source_settings_in_info_json(tmp_path):
     make_npy.write_npy(splits, tmp_path, digits)
     _, info = load_splits("npy", tmp_path)
     assert (info.num_classes, info.crop_padding, info.flip) == (10, 4, False) and info == dataset_info("npy", tmp_path)
-    (tmp_path / D.NPY_INFO).write_text('{"num_classes": 2}')  # fewer than the labels need
+    (tmp_path / files.NPY_INFO).write_text('{"num_classes": 2}')  # fewer than the labels need
     with pytest.raises(DataError, match="labels go up to 3"):
         load_splits("npy", tmp_path)
 
@@ -473,7 +473,7 @@ def test_mnist_from_idx_files_in_data_dir(tmp_path):
 
 
 def test_fashion_from_torchvision_raw_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "DEBIAN_FASHION_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(files, "DEBIAN_FASHION_DIR", tmp_path / "nowhere")
     _fake_mnist(tmp_path / "FashionMNIST" / "raw", gz=True)
     splits, _ = load_splits("fashion-mnist", tmp_path)
     assert len(splits["train"]) == 6 and int(splits["test"].images.max()) == 7
@@ -507,7 +507,7 @@ def test_missing_torchvision_dataset_names_expected_path(tmp_path, monkeypatch, 
     import torchvision.datasets
 
     monkeypatch.setattr(getattr(torchvision.datasets, cls), "download", _fail_download)
-    monkeypatch.setattr(D, "DEBIAN_FASHION_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(files, "DEBIAN_FASHION_DIR", tmp_path / "nowhere")
     before = socket.getdefaulttimeout()
     with pytest.raises(DataError) as exc:
         load_splits(name, tmp_path)

@@ -18,7 +18,8 @@ from models import get_model
 from tests.helpers import assert_user_error, run_script
 from utils import evaluation as ev
 from utils.attacks.registry import Attack, build_attack, robust_mask
-from utils.data import Split, load_splits
+from utils.data import load_splits
+from utils.splits import Split
 from utils.training import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from utils.cli import (
     finish_estimator_args,
     number,
 )
-from utils.data import BatchLoader, DatasetInfo, load_splits
+from utils.data import BatchLoader, load_splits
 from utils.estimators import internal_layer, target_outputs
 from utils.mi import mi_per_sample
 from utils.mi_objectives import MITable
@@ -43,6 +43,7 @@ from utils.release_compat import (
     finish_release_args,
     release_stage2_passes,
 )
+from utils.splits import DatasetInfo
 from utils.training import (
     FastPath,
     Run,
