@@ -24,7 +24,7 @@ import train_MIAT
 import train_standard
 from utils.checkpoint import atomic_write_text, metrics_records, run_config, writable_dir
 from utils.cli import Parser
-from utils.data import DEBIAN_FASHION_DIR, find_idx_dir
+from utils.dataset_files import DEBIAN_FASHION_DIR, find_idx_dir
 from utils.evaluation import examples_text
 from utils.script import UserError, run_main
 

@@ -39,8 +39,9 @@ def worker(args) -> None:
     from benchmarks.benchmark import ours_train_step
     from models import get_model
     from utils import distributed
-    from utils.data import BatchLoader, make_synthetic
+    from utils.data import BatchLoader
     from utils.loop import train_epoch
+    from utils.synthetic import make_synthetic
 
     ctx = distributed.init("cpu")
     torch.manual_seed(0)

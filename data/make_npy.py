@@ -21,7 +21,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.checkpoint import atomic_write_text  # noqa: E402
-from utils.data import DATASETS, NPY_INFO, DataError, DatasetInfo, Split, load_splits  # noqa: E402
+from utils.data import DATASETS, load_splits  # noqa: E402
+from utils.dataset_files import NPY_INFO  # noqa: E402
+from utils.splits import DataError, DatasetInfo, Split  # noqa: E402
 
 
 def split_arrays(split: Split):

@@ -18,8 +18,9 @@ from models import get_model
 from tests.helpers import assert_user_error, run_script
 from utils import evaluation as ev
 from utils.attacks.registry import Attack, build_attack, robust_mask
-from utils.data import Split, load_splits
+from utils.data import load_splits
 from utils.device import seed_everything
+from utils.splits import Split
 
 ROOT = Path(__file__).resolve().parents[1]
 # Under pytest this file is the module "test_comparison", so the script is loaded by another name.

@@ -270,12 +270,12 @@ def test_fresh_start_refuses_a_folder_holding_a_run(tmp_path, capsys):
 
 def test_unwritable_model_dir_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     (tmp_path / "a_file").write_text("")
-    import utils.data
+    import utils.setup
 
     def no_loading(*a, **k):
         raise AssertionError("data loaded before --model-dir was checked")
 
-    monkeypatch.setattr(utils.data, "load_splits", no_loading)
+    monkeypatch.setattr(utils.setup, "load_splits", no_loading)
     argv = [*SYNTH, "--epochs", "1", "--model-dir", tmp_path / "a_file"]
     assert_user_error(run_script(capsys, "train_standard", argv), "--model-dir", "a_file")
 

@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 from utils.attacks.base import attack_mode, lp_norm, unwrap
 from utils.attacks.registry import BUDGET_TOL, Attack
-from utils.data import BatchLoader, Split
+from utils.data import BatchLoader
 from utils.device import seed_everything
 from utils.plots import pyplot, save_figure
+from utils.splits import Split
 
 # Above this fraction of zero input gradients in a batch, gradient attacks are blind there.
 # (AutoAttack warns on any; a few saturated softmaxes in a confident model are not masking.)

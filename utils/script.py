@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from utils import distributed
+from utils.splits import DataError
 
 
 class UserError(Exception):
@@ -23,10 +24,6 @@ def run_main(main: Callable[[], None], interrupted: Optional[str] = None) -> Non
     """Run a script's main: user mistakes become one line on stderr and exit status 2; Ctrl-C
     prints the run's advice (``Interrupted``), else ``interrupted`` or that nothing is there to
     resume, and exits with 130; a closed output pipe (``| head``) ends the script quietly."""
-    # Imported here: utils.data imports torchvision, which is slow to import, and a script
-    # that fails on its flags should say so at once.
-    from utils.data import DataError
-
     prog = Path(sys.argv[0]).name
     # Under torchrun every process meets the same mistake: one of them says so.
     speaks = os.environ.get("RANK", "0") == "0"

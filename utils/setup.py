@@ -8,9 +8,10 @@ import torch.nn as nn
 from models import get_model
 from utils import distributed
 from utils.checkpoint import load_weights, writable_dir
-from utils.data import BatchLoader, DatasetInfo, load_splits
+from utils.data import BatchLoader, load_splits
 from utils.device import prepare_device, seed_everything
 from utils.script import UserError
+from utils.splits import DatasetInfo
 
 
 class Setup(NamedTuple):

@@ -26,7 +26,7 @@ from utils.cli import (
     finish_estimator_args,
     number,
 )
-from utils.data import BatchLoader, DatasetInfo
+from utils.data import BatchLoader
 from utils.estimators import internal_layer, target_outputs
 from utils.loop import FastPath, StepFn, eval_mode, fit, format_metrics
 from utils.mi import mi_per_sample
@@ -43,6 +43,7 @@ from utils.release_compat import (
 )
 from utils.run import Run
 from utils.setup import frozen_target, setup
+from utils.splits import DatasetInfo
 
 Tensor = torch.Tensor
 
