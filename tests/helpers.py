@@ -1,4 +1,4 @@
-"""Helpers shared by the script tests: run a script's main in-process as a user would."""
+"""Helpers shared by the tests: run a script's main in-process as a user would; Markdown tables read back."""
 import importlib
 import sys
 
@@ -47,3 +47,15 @@ def spy_on_pgd(monkeypatch, module):
 
     monkeypatch.setattr(module, "pgd", spy)
     return calls
+
+
+def markdown_tables(text):
+    """Markdown tables of ``text`` as lists of {column: cell}."""
+    tables, block = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif block:
+            tables.append([dict(zip(block[0], row)) for row in block[2:]])
+            block = []
+    return tables
