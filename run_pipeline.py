@@ -24,7 +24,7 @@ import train_MIAT
 import train_standard
 from utils.cli import Parser
 from utils.data import DEBIAN_FASHION_DIR, find_idx_dir
-from utils.evaluation import examples_text
+from utils.eval_output import examples_text
 from utils.training import UserError, atomic_write_text, metrics_records, run_config, run_main, writable_dir
 
 METHODS = ("namid", "namid-t", "namid-m", "wmim")
