@@ -164,24 +164,6 @@ def test_seeds_must_be_distinct_integers_and_seed_is_refused(tmp_path, capsys):
     assert_user_error(run_script(capsys, "run_pipeline", ["--seed", "3", "--out-dir", tmp_path]), "--seeds")
 
 
-def test_results_markdown_gives_mean_and_std_over_seeds():
-    import run_pipeline
-
-    def model(name, clean, pgd):
-        return {"name": name, "n": 10000, "clean": clean, "attacks": {"pgd40": pgd}, "worst_case": pgd}
-
-    merged = run_pipeline.merge_results([
-        {"settings": {"attacks": {"pgd40": {"epsilon": 0.1}}}, "models": [model("NAMID", 80.0, 50.0)],
-         "warnings": []},
-        {"settings": {}, "models": [model("NAMID (seed 1)", 82.0, 54.0)], "warnings": ["w"]},
-        {"settings": {}, "models": [model("TRADES", 70.0, 40.0)], "warnings": []},
-    ])
-    text = run_pipeline.results_markdown(merged)
-    assert "| NAMID | 2 | 81.00 ± 1.41 | 52.00 ± 2.83 | 52.00 ± 2.83 |" in text
-    assert "| TRADES | 1 |" not in text and "| TRADES | 10000 | 70.00 | 40.00 | 40.00 |" in text
-    assert "- w" in text and "pgd40 at ε = 0.1" in text and "white-box" in text
-
-
 def test_an_evaluation_is_redone_when_its_command_or_checkpoint_changes(tmp_path):
     import os
 
