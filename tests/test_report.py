@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from utils.report import group_name, merge_results, results_markdown, sweep_markdown, write_report
+from utils.report import group_name, merge_results, mi_table_markdown, results_markdown, sweep_markdown, write_report
 
 
 def test_results_markdown_gives_mean_and_std_over_seeds():
@@ -26,6 +26,24 @@ def _mi_record(epoch, value):
     names = [f"{kind}_mi_{inp}_{s}" for kind in ("natural", "adversarial") for inp in ("x", "xadv")
              for s in ("right", "wrong")]
     return {"epoch": epoch, **{name: value + k / 10 for k, name in enumerate(names)}}
+
+
+def test_mi_table_comes_from_the_last_complete_epoch_when_the_last_line_is_torn(tmp_path):
+    complete = [json.dumps(_mi_record(1, 1.0)), json.dumps(_mi_record(2, 2.0))]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(complete) + "\n")
+    whole = mi_table_markdown(tmp_path)
+    assert whole.splitlines()[:3] == ["| MI | input | right (R) | wrong (W) |", "|---|---|---|---|",
+                                      "| natural | x | 2.000 | 2.100 |"]
+    assert whole.splitlines()[-1] == "| adversarial | x̃ | 2.600 | 2.700 |"
+    torn = json.dumps(_mi_record(3, 3.0))[:40]  # a crash in the middle of epoch 3's line
+    (tmp_path / "metrics.jsonl").write_text("\n".join(complete) + "\n" + torn)
+    assert mi_table_markdown(tmp_path) == whole
+
+
+def test_mi_table_without_a_complete_epoch_shows_dashes(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "natural_mi')
+    lines = mi_table_markdown(tmp_path).splitlines()
+    assert len(lines) == 6 and all(line.endswith("| – | – |") for line in lines[2:])
 
 
 def test_sweep_markdown_marks_missing_budgets():

@@ -9,7 +9,7 @@ import torch
 
 from utils.eval_output import examples_text
 from utils.markdown import markdown_table
-from utils.training import atomic_write_text
+from utils.training import atomic_write_text, metrics_records
 
 # The paper's Table 1 rows (PAPER.md §8), accuracy in %: None, PGD-40, AA, FWA-40, TI-DIM.
 PAPER_LINF = {
@@ -132,9 +132,10 @@ def sweep_markdown(sweep: dict) -> str:
 
 
 def mi_table_markdown(folder: Path) -> str:
-    """The last epoch's Fig. 4 table from stage 2's metrics.jsonl."""
-    lines = [ln for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    record = json.loads(lines[-1])
+    """The last complete epoch's Fig. 4 table from stage 2's metrics.jsonl (a line torn by a crash
+    is skipped; with no complete epoch at all, every cell is "–")."""
+    records = metrics_records(folder / "metrics.jsonl")
+    record = records[-1] if records else {}
     rows = []
     for kind in ("natural", "adversarial"):
         for inp, label in (("x", "x"), ("xadv", "x̃")):
