@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import torch
-
 import test_comparison
 import train_MI_estimator
 import train_MI_estimator_only_max
@@ -25,7 +23,15 @@ import train_standard
 from utils.cli import Parser
 from utils.data import DEBIAN_FASHION_DIR, find_idx_dir
 from utils.report import GROUP_SUFFIX, merge_results, results_markdown, write_report
-from utils.training import UserError, atomic_write_text, metrics_records, run_config, run_main, writable_dir
+from utils.training import (
+    UserError,
+    atomic_write_text,
+    load_checkpoint,
+    metrics_records,
+    run_config,
+    run_main,
+    writable_dir,
+)
 
 METHODS = ("namid", "namid-t", "namid-m", "wmim")
 
@@ -293,9 +299,12 @@ def stage_state(model_dir: Path, output: str, epochs: int) -> str:
                             f"{model_dir} to train that stage again")
         return "fresh"
     try:
-        epoch = torch.load(last, map_location="cpu", weights_only=True).get("epoch", 0)
-    except Exception:  # a damaged last.pth: start the stage again
+        state = load_checkpoint(last, "last.pth")
+    except UserError:  # a damaged last.pth: start the stage again
         return "replace"
+    if not isinstance(state, dict):
+        return "replace"
+    epoch = state.get("epoch", 0)
     return "done" if epoch >= epochs and (model_dir / output).is_file() else "resume"
 
 

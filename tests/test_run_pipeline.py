@@ -132,6 +132,27 @@ def test_a_damaged_last_checkpoint_restarts_its_stage_and_a_partial_one_resumes(
     assert not by_script["train_MIAT.py"].endswith(("--resume", "--overwrite"))
 
 
+def test_stage_state_reads_last_pth_through_the_safe_loader(tmp_path):
+    """Whatever load_checkpoint refuses (damaged, code inside) or what holds no dict means "replace"."""
+    import pickle
+
+    import torch
+
+    from run_pipeline import stage_state
+
+    assert stage_state(tmp_path, "best_model.pth", 2) == "fresh"
+    (tmp_path / "last.pth").write_bytes(b"half a zip")
+    assert stage_state(tmp_path, "best_model.pth", 2) == "replace"
+    (tmp_path / "last.pth").write_bytes(pickle.dumps(print, protocol=2))  # names code to run: refused, never run
+    assert stage_state(tmp_path, "best_model.pth", 2) == "replace"
+    torch.save([1, 2], tmp_path / "last.pth")
+    assert stage_state(tmp_path, "best_model.pth", 2) == "replace"
+    torch.save({"epoch": 2}, tmp_path / "last.pth")
+    assert stage_state(tmp_path, "best_model.pth", 2) == "resume"  # the stage's output is missing
+    (tmp_path / "best_model.pth").write_bytes(b"weights")
+    assert stage_state(tmp_path, "best_model.pth", 2) == "done"
+
+
 def test_seeds_and_ablations_plan_every_stage_and_run_nothing(tmp_path, capsys):
     commands = dry_run(tmp_path, capsys, "--method", "all", "--seeds", "0,1,2", "--ablations")
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
