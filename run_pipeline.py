@@ -13,32 +13,22 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
-
-import torch
+from typing import Dict, List, Optional, Tuple
 
 import test_comparison
 import train_MI_estimator
 import train_MI_estimator_only_max
 import train_MIAT
 import train_standard
-from utils.checkpoint import atomic_write_text, metrics_records, run_config, writable_dir
+from utils.checkpoint import atomic_write_text, load_checkpoint, metrics_records, run_config, writable_dir
 from utils.cli import Parser
 from utils.dataset_files import DEBIAN_FASHION_DIR, find_idx_dir
-from utils.evaluation import examples_text
+from utils.report import GROUP_SUFFIX, merge_results, results_markdown, write_report
 from utils.script import UserError, run_main
 
 METHODS = ("namid", "namid-t", "namid-m", "wmim")
 
-# The paper's Table 1 rows (PAPER.md §8), accuracy in %: None, PGD-40, AA, FWA-40, TI-DIM.
-PAPER_LINF = {
-    "Standard AT": (83.39, 42.38, 39.01, 15.44, 55.63), "WMIM": (80.32, 40.76, 36.05, 12.14, 53.10),
-    "NAMID": (83.41, 44.79, 39.26, 15.67, 58.23), "TRADES": (80.70, 46.29, 42.71, 20.54, 57.06),
-    "NAMID-T": (80.67, 47.53, 43.39, 21.17, 59.13), "MART": (78.21, 50.23, 43.96, 25.56, 58.62),
-    "NAMID-M": (78.38, 51.69, 44.42, 25.64, 61.26),
-}
 PAPER_SWEEP = ["--attacks", "pgd40", "--n-examples", "1000", "--eps-sweep", "0,2/255,4/255,8/255,12/255,16/255"]
-PAPER_TINY = {"Standard AT": (48.40, 17.35, 11.27, 10.29, 27.84), "NAMID": (48.41, 18.67, 12.29, 11.32, 29.37)}
 
 
 def demo_dataset(data_dir: str) -> str:
@@ -137,7 +127,7 @@ class Pipeline:
         self.out = Path(args.out_dir or f"runs/{args.preset}")
         self.flags = preset(args.preset, args.data_dir)
         self.extra = extra
-        self.log: List[str] = []
+        self.log: List[Tuple[str, str, str]] = []  # the rows of report.md's stage table
         self.steps: List[tuple] = []
         self.commands: List[tuple] = []  # (script, argv) of every stage this invocation runs
 
@@ -178,7 +168,7 @@ class Pipeline:
 
     def note(self, label: str, script: str, argv: List[str], what: str) -> None:
         """A row of report.md's stage table: every stage's full command, and what this invocation did."""
-        self.log.append(f"| {label} | `{script} {' '.join(shlex.quote(str(a)) for a in argv)}` | {what} |")
+        self.log.append((label, f"`{script} {' '.join(shlex.quote(str(a)) for a in argv)}`", what))
 
     def eval_argv(self, *specific: str, sweep: bool = False) -> List[str]:
         """Preset flags, then the user's, then the models: user flags win, and an --arch of theirs is
@@ -283,69 +273,6 @@ def eval_is_current(out: Path, argv: List[str], model_dirs: List[Path]) -> bool:
     return all(f.stat().st_mtime <= made for f in checkpoints)
 
 
-GROUP_SUFFIX = " (seed "
-
-
-def group_name(name: str) -> str:
-    """"NAMID (seed 2)" and "NAMID" are runs of one defense."""
-    return name.split(GROUP_SUFFIX)[0]
-
-
-def merge_results(parts: List[dict]) -> dict:
-    """The per-model JSON files of test_comparison.py as one: settings per model, models in order."""
-    models, warnings, settings = [], [], {}
-    for part in parts:
-        for model in part["models"]:
-            models.append(model)
-            settings[model["name"]] = part["settings"]
-        warnings += part.get("warnings", [])
-    return {"models": models, "settings": settings, "warnings": warnings}
-
-
-def mean_std(values: List[float]) -> str:
-    t = torch.tensor(values, dtype=torch.float64)
-    return f"{t.mean():.2f}" if len(values) == 1 else f"{t.mean():.2f} ± {t.std():.2f}"
-
-
-def results_markdown(merged: dict) -> str:
-    """Every model's row, then the mean ± sample std over seeds of each defense with several."""
-    models = merged["models"]
-    attacks = list(dict.fromkeys(a for m in models for a in m["attacks"]))
-    columns = ["clean", *attacks, "worst case"]
-
-    def cells(m):
-        return [m["clean"], *[m["attacks"].get(a) for a in attacks], m["worst_case"]]
-
-    def row(label, values):
-        return "| " + " | ".join([label, *values]) + " |"
-
-    head = ["| model | n | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
-    lines = [*head, *[row(m["name"], [str(m["n"]), *("–" if v is None else f"{v:.2f}" for v in cells(m))])
-                      for m in models]]
-    groups: Dict[str, List[dict]] = {}
-    for m in models:
-        groups.setdefault(group_name(m["name"]), []).append(m)
-    multi = {g: ms for g, ms in groups.items() if len(ms) > 1}
-    if multi:
-        lines += ["", "Mean ± standard deviation over seeds (accuracy %):", "",
-                  "| defense | seeds | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
-        for g, ms in multi.items():
-            per_column = list(zip(*[cells(m) for m in ms]))
-            lines.append(row(g, [str(len(ms)), *("–" if None in col else mean_std(list(col))
-                                                 for col in per_column)]))
-    n = {m["n"] for m in models}
-    settings = list(merged["settings"].values())
-    modes = sorted({st.get("mode", "white-box") for st in settings})
-    budgets = {name: a["epsilon"] for st in settings for name, a in st.get("attacks", {}).items()}
-    which = examples_text("/".join(str(v) for v in sorted(n)), [st.get("test_limit") for st in settings])
-    lines += ["", f"Accuracy (%) on the {which}; {', '.join(modes)}; "
-              + "".join(f"{name} at ε = {eps:.4g}; " for name, eps in budgets.items())
-              + "worst case: correct under every attack, per example."]
-    if merged["warnings"]:
-        lines += ["", "Warnings:", "", *[f"- {w}" for w in merged["warnings"]]]
-    return "\n".join(lines) + "\n"
-
-
 def check_seed(model_dir: Path, seed: int) -> None:
     """A folder holds one seed's run: reusing it for another seed would mislabel the results."""
     stored = run_config(model_dir).get("seed")
@@ -365,9 +292,12 @@ def stage_state(model_dir: Path, output: str, epochs: int) -> str:
                             f"{model_dir} to train that stage again")
         return "fresh"
     try:
-        epoch = torch.load(last, map_location="cpu", weights_only=True).get("epoch", 0)
-    except Exception:  # a damaged last.pth: start the stage again
+        state = load_checkpoint(last, "last.pth")
+    except UserError:  # a damaged last.pth: start the stage again
         return "replace"
+    if not isinstance(state, dict):
+        return "replace"
+    epoch = state.get("epoch", 0)
     return "done" if epoch >= epochs and (model_dir / output).is_file() else "resume"
 
 
@@ -502,62 +432,6 @@ def main(argv=None):
         return
     write_report(pipe, dataset)
     print(f"[pipeline] done: {out / 'report.md'}", flush=True)
-
-
-def write_report(pipe: Pipeline, dataset: str) -> None:
-    out = pipe.out
-    lines = [f"# NAMID pipeline report: preset `{pipe.args.preset}`", "",
-             f"Dataset: **{dataset}**. Command: `python run_pipeline.py {shlex.join(pipe.args.command)}`", "",
-             "## Our results", "", (out / "results.md").read_text().strip(), ""]
-    paper = PAPER_TINY if dataset == "tiny-imagenet" else PAPER_LINF
-    setting = "Tiny-ImageNet" if dataset == "tiny-imagenet" else "CIFAR-10"
-    lines += ["## The paper's Table 1 (ResNet-18, L∞ 8/255, accuracy %)", ""]
-    if dataset not in ("cifar10", "tiny-imagenet"):
-        lines += [f"The paper reports no {dataset} numbers; its {setting} rows are shown for reference only.", ""]
-    lines += ["| defense | None | PGD-40 | AA | FWA-40 | TI-DIM |", "|---|---|---|---|---|---|"]
-    lines += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for name, row in paper.items()]
-    lines += ["", "## MI of natural and adversarial inputs (paper Fig. 4)", ""]
-    for folder, title in (("mi_estimator", "after Eq. 5 training"), ("mi_estimator_only_max", "after Eq. 4 (MIM)")):
-        png = out / folder / "mi_table.png"
-        if png.exists():
-            lines += [f"### {title}", "", f"![{title}]({folder}/mi_table.png)", "", mi_table_markdown(out / folder), ""]
-    if (out / "eps_sweep.png").exists():
-        sweep = json.loads((out / "eval" / "eps_sweep.json").read_text())
-        lines += ["## Accuracy against ε", "", "![accuracy against epsilon](eps_sweep.png)", "",
-                  sweep_markdown(sweep), ""]
-    curves = [(label, model_dir.relative_to(out)) for label, _, _, model_dir, _, _ in pipe.steps
-              if (model_dir / "curves.png").exists()]
-    if curves:
-        lines += ["## Training curves", ""]
-        for label, folder in curves:
-            lines += [f"### {label}", "", f"![{label}: training curves]({folder.as_posix()}/curves.png)", ""]
-    lines += ["## Stages", "", "| stage | command | this invocation |", "|---|---|---|", *pipe.log, ""]
-    atomic_write_text(out / "report.md", "\n".join(lines))
-
-
-def sweep_markdown(sweep: dict) -> str:
-    """Accuracy (%) per model and attack at each ε of the sweep, from its test_comparison JSON."""
-    rows = [(m["name"], attack, dict(zip(curve["epsilon"], curve["accuracy"])))
-            for m in sweep["models"] for attack, curve in m.get("eps_sweep", {}).items()]
-    epsilons = sorted({e for _, _, by_eps in rows for e in by_eps})
-    lines = ["| model | attack | " + " | ".join(f"ε = {e:.4g}" for e in epsilons) + " |",
-             "|---|---|" + "---:|" * len(epsilons)]
-    lines += [f"| {name} | {attack} | " + " | ".join(f"{by_eps[e]:.2f}" if e in by_eps else "–" for e in epsilons)
-              + " |" for name, attack, by_eps in rows]
-    which = examples_text(str(sweep["settings"]["n_examples"]), [sweep["settings"].get("test_limit")])
-    return "\n".join(lines) + f"\n\nOn the {which}."
-
-
-def mi_table_markdown(folder: Path) -> str:
-    """The last epoch's Fig. 4 table from stage 2's metrics.jsonl."""
-    lines = [ln for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    record = json.loads(lines[-1])
-    rows = ["| MI | input | right (R) | wrong (W) |", "|---|---|---|---|"]
-    for kind in ("natural", "adversarial"):
-        for inp, label in (("x", "x"), ("xadv", "x̃")):
-            cells = [record.get(f"{kind}_mi_{inp}_{s}") for s in ("right", "wrong")]
-            rows.append(f"| {kind} | {label} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
-    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -20,18 +20,17 @@ from utils.attacks.registry import GROUPS, build_attack, expand_attack_names
 from utils.checkpoint import atomic_write_text, load_weights, run_config, writable_dir
 from utils.cli import Parser, add_data_args, check_positive, linf_budget_problem, number
 from utils.device import resolve_device, seed_everything
-from utils.evaluation import (
-    Evaluation,
-    Report,
+from utils.eval_output import (
     attack_settings,
     examples_text,
-    first_examples,
     format_epsilon,
-    markdown_table,
     plot_sweep,
     results_json,
+    results_table,
     sweep_table,
 )
+from utils.eval_results import Report, first_examples
+from utils.evaluation import Evaluation
 from utils.loop import FastPath
 from utils.script import UserError, run_main
 from utils.setup import compiled
@@ -352,7 +351,7 @@ def main(argv=None):
     engine.trust_checks(attacks)
     ordered = [results[s["name"]] for s in specs]
 
-    text = markdown_table(ordered, [a.name for a in attacks]) + "\n\n" + caption(
+    text = results_table(ordered, [a.name for a in attacks]) + "\n\n" + caption(
         args, len(split), info.name, attacks, surrogate_arch) + "\n"
     plot = None
     if sweeps:

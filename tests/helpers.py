@@ -1,6 +1,14 @@
-"""Helpers shared by the script tests: run a script's main in-process as a user would."""
+"""Helpers shared by the tests: run a script's main in-process as a user would; tiny models,
+data and results for the evaluation's tests; Markdown tables read back."""
 import importlib
 import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.eval_results import ModelResult
+from utils.splits import Split
 
 
 def run_script(capsys, module_name: str, argv):
@@ -47,3 +55,49 @@ def spy_on_pgd(monkeypatch, module):
 
     monkeypatch.setattr(module, "pgd", spy)
     return calls
+
+
+class Tiny(nn.Module):
+    """A linear classifier on 3×8×8 images, with hooks for the pathologies the checks look for."""
+
+    def __init__(self, kind: str = "plain"):
+        super().__init__()
+        self.kind = kind
+        self.fc = nn.Linear(3 * 8 * 8, 10)
+
+    def forward(self, x):
+        if self.kind == "round":
+            x = torch.round(x * 4)  # piecewise constant: zero gradient everywhere
+        h = x.flatten(1)
+        if self.kind == "noisy":
+            h = F.dropout(h, 0.5, training=True)  # random even in eval mode
+        out = self.fc(h)
+        if self.kind == "softmax":
+            out = out.softmax(dim=1)
+        if self.kind == "self-training":
+            self.train()  # a forward pass that flips the mode
+        return out
+
+
+def tiny_split(n: int = 16) -> Split:
+    """``n`` random 3×8×8 images and labels, the same on every call."""
+    g = torch.Generator().manual_seed(0)
+    return Split(torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8),
+                 torch.randint(0, 10, (n,), generator=g))
+
+def model_result(clean, **robust):
+    """A ModelResult called "m" from 0/1 lists: the clean mask and each attack's robust mask."""
+    return ModelResult("m", torch.tensor(clean, dtype=torch.bool),
+                          {k: torch.tensor(v, dtype=torch.bool) for k, v in robust.items()})
+
+
+def markdown_tables(text):
+    """Markdown tables of ``text`` as lists of {column: cell}."""
+    tables, block = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif block:
+            tables.append([dict(zip(block[0], row)) for row in block[2:]])
+            block = []
+    return tables

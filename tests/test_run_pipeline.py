@@ -132,6 +132,27 @@ def test_a_damaged_last_checkpoint_restarts_its_stage_and_a_partial_one_resumes(
     assert not by_script["train_MIAT.py"].endswith(("--resume", "--overwrite"))
 
 
+def test_stage_state_reads_last_pth_through_the_safe_loader(tmp_path):
+    """Whatever load_checkpoint refuses (damaged, code inside) or what holds no dict means "replace"."""
+    import pickle
+
+    import torch
+
+    from run_pipeline import stage_state
+
+    assert stage_state(tmp_path, "best_model.pth", 2) == "fresh"
+    (tmp_path / "last.pth").write_bytes(b"half a zip")
+    assert stage_state(tmp_path, "best_model.pth", 2) == "replace"
+    (tmp_path / "last.pth").write_bytes(pickle.dumps(print, protocol=2))  # names code to run: refused, never run
+    assert stage_state(tmp_path, "best_model.pth", 2) == "replace"
+    torch.save([1, 2], tmp_path / "last.pth")
+    assert stage_state(tmp_path, "best_model.pth", 2) == "replace"
+    torch.save({"epoch": 2}, tmp_path / "last.pth")
+    assert stage_state(tmp_path, "best_model.pth", 2) == "resume"  # the stage's output is missing
+    (tmp_path / "best_model.pth").write_bytes(b"weights")
+    assert stage_state(tmp_path, "best_model.pth", 2) == "done"
+
+
 def test_seeds_and_ablations_plan_every_stage_and_run_nothing(tmp_path, capsys):
     commands = dry_run(tmp_path, capsys, "--method", "all", "--seeds", "0,1,2", "--ablations")
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
@@ -162,24 +183,6 @@ def test_seeds_must_be_distinct_integers_and_seed_is_refused(tmp_path, capsys):
         result = run_script(capsys, "run_pipeline", ["--seeds", bad, "--out-dir", tmp_path, "--dry-run"])
         assert_user_error(result, "--seeds")
     assert_user_error(run_script(capsys, "run_pipeline", ["--seed", "3", "--out-dir", tmp_path]), "--seeds")
-
-
-def test_results_markdown_gives_mean_and_std_over_seeds():
-    import run_pipeline
-
-    def model(name, clean, pgd):
-        return {"name": name, "n": 10000, "clean": clean, "attacks": {"pgd40": pgd}, "worst_case": pgd}
-
-    merged = run_pipeline.merge_results([
-        {"settings": {"attacks": {"pgd40": {"epsilon": 0.1}}}, "models": [model("NAMID", 80.0, 50.0)],
-         "warnings": []},
-        {"settings": {}, "models": [model("NAMID (seed 1)", 82.0, 54.0)], "warnings": ["w"]},
-        {"settings": {}, "models": [model("TRADES", 70.0, 40.0)], "warnings": []},
-    ])
-    text = run_pipeline.results_markdown(merged)
-    assert "| NAMID | 2 | 81.00 ± 1.41 | 52.00 ± 2.83 | 52.00 ± 2.83 |" in text
-    assert "| TRADES | 1 |" not in text and "| TRADES | 10000 | 70.00 | 40.00 | 40.00 |" in text
-    assert "- w" in text and "pgd40 at ε = 0.1" in text and "white-box" in text
 
 
 def test_an_evaluation_is_redone_when_its_command_or_checkpoint_changes(tmp_path):
