@@ -32,7 +32,7 @@ def test_load_checkpoint_refuses_code_folders_missing_and_damaged_files(tmp_path
     (tmp_path / "torn.pth").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(UserError, match="--resume"):
         load_checkpoint(tmp_path / "torn.pth", "--resume")
-    (tmp_path / "plain.pkl").write_bytes(pickle.dumps(Payload()))
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps(Payload(), protocol=2))
     with pytest.raises(UserError):
         load_checkpoint(tmp_path / "plain.pkl", "--resume")
     torch.save({"w": torch.ones(2)}, tmp_path / "ok.pth")
