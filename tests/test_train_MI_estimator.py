@@ -12,7 +12,6 @@ import utils.stage2 as stage2
 from models import get_model
 from models.estimator import build_estimator
 from tests.helpers import assert_user_error, run_script
-from utils.estimators import save_estimators
 from utils.mi_objectives import estimator_loss_max, estimator_loss_paper, estimator_loss_release
 from utils.patterns import Selection, attack_succeeded, select_samples
 
@@ -196,20 +195,6 @@ def test_release_objective_flags_reach_the_loss(pre_target, tmp_path, capsys, mo
     assert code == 0, err
     assert len(calls) == 1  # one per training batch; evaluation needs no loss
     assert calls[0] == {"cos_weight": 2.0, "r_weight": 0.25, "a_r_cos_weight": 3.0, "a_r_sum_weight": 0.7}
-
-
-def test_save_estimators_writes_each_part_to_its_own_file(tmp_path):
-    torch.manual_seed(3)
-    ests = {k: build_estimator(3, 10, hidden=16) for k in ("natural", "adversarial")}
-    save_estimators(ests, tmp_path)
-    for name, (kind, part) in zip(PAIR_FILES, [("natural", "local"), ("natural", "global_"),
-                                               ("adversarial", "local"), ("adversarial", "global_")]):
-        state = torch.load(tmp_path / name, weights_only=True)
-        want = getattr(ests[kind], part).state_dict()
-        assert state.keys() == want.keys(), name
-        assert all(torch.equal(state[k], want[k]) for k in state), name
-        other = getattr(ests["adversarial" if kind == "natural" else "natural"], part).state_dict()
-        assert any(not torch.equal(state[k], other[k]) for k in state), name  # a swap would show
 
 
 SCRIPTS = {"train_MI_estimator": train_MI_estimator, "train_MI_estimator_only_max": train_MI_estimator_only_max}
