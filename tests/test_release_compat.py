@@ -10,7 +10,6 @@ import train_MIAT
 from models import get_model
 from models.estimator import build_estimator
 from utils.namid import freeze, namid_objective
-from utils.patterns import select_samples
 from utils.release_compat import (
     QUIRK_FLAGS,
     BatchNormReplay,
@@ -18,7 +17,6 @@ from utils.release_compat import (
     release_stage2_passes,
     release_stage3_passes,
 )
-from utils.stage2 import AdvBatch, ReleasePasses, mi_vectors
 
 QUIRK_NAMES = [flag.removeprefix("release-").replace("-", "_") for flag in QUIRK_FLAGS]
 
@@ -108,27 +106,3 @@ def test_stage3_passes_leave_the_release_statistics_and_the_same_gradients():
             release(v)
     assert _same_bn(results[True][0], release)
     assert not _same_bn(results[False][0], release)
-
-
-def test_stage2_passes_leave_the_release_statistics():
-    torch.manual_seed(2)
-    ests = nn.ModuleDict({k: build_estimator(3, 10, 16) for k in ("natural", "adversarial")}).train()
-    reference = copy.deepcopy(ests)
-    x = torch.rand(12, 3, 32, 32)
-    n = 0.05 * torch.randn_like(x)
-    g_nat = torch.randn(12, 10)
-    g_adv = torch.cat([torch.randn(6, 10), g_nat[6:]])  # the last six keep their prediction
-    y = g_nat.argmax(1)
-    b = AdvBatch(x, y, x + n, n, g_nat, g_nat, g_adv, g_adv)
-    sel = select_samples(g_nat, g_adv, y)
-    assert sel.right.any() and sel.wrong.any()
-    passes = ReleasePasses(ests)
-    sum(v.sum() for v in mi_vectors(ests, b, "dv")).backward()
-    passes.finish(b, sel)
-    with torch.no_grad():
-        for kind, pattern in (("natural", x), ("adversarial", n)):
-            order = {"natural": [g_nat, g_nat, g_adv] * 2, "adversarial": [g_adv, g_nat] * 2}[kind]
-            for g in order:
-                reference[kind].local(pattern)
-                reference[kind].global_(g)
-    assert _same_bn(ests, reference)

@@ -10,9 +10,7 @@ import train_MI_estimator_only_max
 import train_standard
 import utils.stage2 as stage2
 from models import get_model
-from models.estimator import build_estimator
 from tests.helpers import assert_user_error, run_script
-from utils.estimators import save_estimators
 from utils.mi_objectives import estimator_loss_max, estimator_loss_paper, estimator_loss_release
 from utils.patterns import Selection, attack_succeeded, select_samples
 
@@ -198,20 +196,6 @@ def test_release_objective_flags_reach_the_loss(pre_target, tmp_path, capsys, mo
     assert calls[0] == {"cos_weight": 2.0, "r_weight": 0.25, "a_r_cos_weight": 3.0, "a_r_sum_weight": 0.7}
 
 
-def test_save_estimators_writes_each_part_to_its_own_file(tmp_path):
-    torch.manual_seed(3)
-    ests = {k: build_estimator(3, 10, hidden=16) for k in ("natural", "adversarial")}
-    save_estimators(ests, tmp_path)
-    for name, (kind, part) in zip(PAIR_FILES, [("natural", "local"), ("natural", "global_"),
-                                               ("adversarial", "local"), ("adversarial", "global_")]):
-        state = torch.load(tmp_path / name, weights_only=True)
-        want = getattr(ests[kind], part).state_dict()
-        assert state.keys() == want.keys(), name
-        assert all(torch.equal(state[k], want[k]) for k in state), name
-        other = getattr(ests["adversarial" if kind == "natural" else "natural"], part).state_dict()
-        assert any(not torch.equal(state[k], other[k]) for k in state), name  # a swap would show
-
-
 SCRIPTS = {"train_MI_estimator": train_MI_estimator, "train_MI_estimator_only_max": train_MI_estimator_only_max}
 
 
@@ -300,24 +284,6 @@ def test_defaults_follow_the_paper_and_the_release():
     m = train_MI_estimator_only_max.parse_args(["--pre_target", "t.pth", "--num-steps", "20"])
     assert (m.lr_mi, m.epochs, m.batch_size, m.lr_milestones, m.lr_gamma) == (1e-2, 50, 200, [20, 30, 40], 0.5)
     assert m.eval_steps == 20 and not m.standard_mi
-
-
-def test_mi_vectors_reuse_local_features_and_match_mi():
-    torch.manual_seed(1)
-    ests = {k: build_estimator(3, 10, hidden=16).eval() for k in ("natural", "adversarial")}
-    x, n = torch.rand(6, 3, 32, 32), torch.rand(6, 3, 32, 32) * 0.1
-    g_nat, g_adv = torch.randn(6, 10), torch.randn(6, 10)
-    b = stage2.AdvBatch(x, torch.zeros(6, dtype=torch.long), x + n, n, g_nat, g_nat, g_adv, g_adv)
-    calls = []
-    for e in ests.values():
-        e.local.register_forward_hook(lambda *a: calls.append(1))
-    with torch.no_grad():
-        got = stage2.mi_vectors(ests, b, "dv")
-        want = (ests["natural"].mi(x, g_nat), ests["natural"].mi(x, g_adv),
-                ests["adversarial"].mi(n, g_nat), ests["adversarial"].mi(n, g_adv))
-    assert len(calls) == 2 + 4  # mi_vectors: one local pass per estimator; the reference: four
-    for g, w in zip(got, want):
-        assert torch.allclose(g, w, atol=1e-5)
 
 
 @pytest.mark.parametrize("script", ["train_MI_estimator", "train_MI_estimator_only_max"])

@@ -1,27 +1,11 @@
-"""Properties of the one PGD loop (utils/attacks/pgd.py) and its norm geometry (base.py)."""
+"""Properties of the one PGD loop (utils/attacks/pgd.py)."""
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.attacks.base import attack_mode, draw, lp_norm, project, random_start
+from tests.attack_helpers import blobs, tiny_cnn
+from utils.attacks.base import lp_norm, random_start
 from utils.attacks.pgd import pgd
-
-
-def tiny_cnn(in_ch=1, classes=3):
-    return nn.Sequential(nn.Conv2d(in_ch, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(8 * 8 * 8, classes))
-
-
-def blobs(n=192, classes=3, seed=0):
-    """Three classes told apart by which third of an 8×8 image is bright."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % classes
-    x = 0.3 + 0.1 * torch.rand(n, 1, 8, 8, generator=g)
-    for c in range(classes):
-        rows = slice(c * 8 // classes, (c + 1) * 8 // classes + (1 if c == classes - 1 else 0))
-        x[y == c, :, rows, :] += 0.3
-    return x.clamp(0, 1), y
 
 
 @pytest.fixture(scope="module")
@@ -149,36 +133,3 @@ def test_bad_arguments():
         pgd(model, x, y, 0.1, 0.1, 1, "l1")
     with pytest.raises(ValueError, match="loss"):
         pgd(model, x, y, 0.1, 0.1, 1, "linf", loss="hinge")
-
-
-def test_projection_and_random_start_geometry():
-    torch.manual_seed(0)
-    d = torch.randn(64, 3, 4, 4)
-    assert lp_norm(project(d, 0.5, "l2"), "l2").max() <= 0.5 + 1e-6
-    small = 0.01 * d
-    assert torch.allclose(project(small, 10.0, "l2"), small)  # inside: unchanged
-    assert project(d, 0.1, "linf").abs().max() <= 0.1
-    x = torch.rand(256, 3, 4, 4)
-    r2 = random_start(x, 0.5, "l2")
-    assert lp_norm(r2, "l2").max() <= 0.5 + 1e-6
-    ri = random_start(x, 0.1, "linf")
-    assert ri.abs().max() <= 0.1 and ri.abs().max() > 0.09
-
-
-def test_attack_mode_restores_after_exception():
-    model = tiny_cnn()
-    model.train()
-    with pytest.raises(RuntimeError):
-        with attack_mode(model):
-            raise RuntimeError("boom")
-    assert model.training and all(p.requires_grad for p in model.parameters())
-
-
-def test_draw_takes_its_numbers_from_the_generator_and_its_dtype_from_the_input():
-    like = torch.zeros(2, dtype=torch.float64)
-    got = draw(torch.randn, (4, 3), like, torch.Generator().manual_seed(5))
-    assert got.dtype == torch.float64 and got.device == like.device
-    assert torch.equal(got, torch.randn((4, 3), generator=torch.Generator().manual_seed(5), dtype=torch.float64))
-    torch.manual_seed(5)
-    assert torch.equal(draw(torch.rand, (3,), like), torch.rand(3, generator=torch.Generator().manual_seed(5),
-                                                                  dtype=torch.float64))
