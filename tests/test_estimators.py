@@ -143,7 +143,6 @@ def test_internal_layer_maps_the_two_flags():
     assert internal_layer(_args()) is None
     assert internal_layer(_args(is_internal=True)) == "layer3"
     assert internal_layer(_args(is_internal_last=True)) == "layer4"
-    assert internal_layer(argparse.Namespace()) is None  # a script without the flags reads the logits
 
 
 def test_check_stage2_flags_refuses_estimator_flags_other_than_stage_2s(tmp_path):

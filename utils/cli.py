@@ -10,6 +10,7 @@ from typing import Optional
 
 from models import MODEL_NAMES
 from utils.data import DATASETS
+from utils.mi import resolve_mode
 
 
 class Parser(argparse.ArgumentParser):
@@ -168,8 +169,6 @@ def add_estimator_args(p: Parser) -> None:
 
 
 def finish_estimator_args(p: Parser, args: argparse.Namespace) -> argparse.Namespace:
-    from utils.mi import resolve_mode
-
     try:
         args.mi_mode = resolve_mode(args.va_mode, args.va_fd_measure)
     except ValueError as err:

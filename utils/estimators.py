@@ -37,17 +37,18 @@ def check_stage2_flags(args, mi_dir) -> None:
     config.json (a folder without one, e.g. the release's files, is not checked)."""
     stored = run_config(mi_dir)
     for key in ESTIMATOR_FLAGS:
-        if key in stored and stored[key] != getattr(args, key, stored[key]):
+        now = vars(args)[key]
+        if key in stored and stored[key] != now:
             flag = "--va-mode" if key == "mi_mode" else f"--{key.replace('_', '-')}"
             raise UserError(f"{flag}: the estimators in {mi_dir} were trained with {stored[key]!r}, "
-                            f"not {getattr(args, key)!r}; pass the same value")
+                            f"not {now!r}; pass the same value")
 
 
 def internal_layer(args) -> Optional[str]:
     """Which target layer the global nets read: None (logits), "layer3" or "layer4"."""
-    if getattr(args, "is_internal", False):
+    if args.is_internal:
         return "layer3"
-    if getattr(args, "is_internal_last", False):
+    if args.is_internal_last:
         return "layer4"
     return None
 

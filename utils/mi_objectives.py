@@ -15,6 +15,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from utils import distributed
 from utils.patterns import Selection, masked_mean
 
 Tensor = torch.Tensor
@@ -136,8 +137,6 @@ class MITable:
 
     def all_reduce(self, device) -> "MITable":
         """Sum the table over all processes under torchrun (a no-op in a single process)."""
-        from utils import distributed
-
         keys = list(self.sums)
         packed = torch.tensor([self.sums[k] for k in keys] + [self.n_right, self.n_wrong], dtype=torch.float64,
                               device=device)

@@ -43,7 +43,7 @@ class Quirks:
 
     @classmethod
     def from_args(cls, args) -> "Quirks":
-        return cls(**{f.name: bool(getattr(args, f"release_{f.name}", False)) for f in fields(cls)})
+        return cls(**{f.name: bool(vars(args)[f"release_{f.name}"]) for f in fields(cls)})
 
     @classmethod
     def release(cls) -> "Quirks":
@@ -66,7 +66,7 @@ def finish_release_args(args: argparse.Namespace) -> argparse.Namespace:
         for flag in QUIRK_FLAGS:
             setattr(args, flag.replace("-", "_"), True)
     args.quirks = Quirks.from_args(args)
-    if args.quirks.batch_bounds and getattr(args, "mi_mode", "dv") in ("jsd", "nce"):
+    if args.quirks.batch_bounds and args.mi_mode in ("jsd", "nce"):
         print(f"note: --release-batch-bounds with --va-mode {args.va_mode}: every sample gets the batch mean "
               "of the bound, so the cosine terms carry no gradient, as in the release", file=sys.stderr)
     return args
