@@ -172,8 +172,9 @@ def _briefly_trained_target(path, test_split) -> torch.Tensor:
         return model.eval()(test_split.images.float() / 255).argmax(1) == test_split.labels
 
 
-@pytest.mark.parametrize("script", ["train_MI_estimator.py", "train_MIAT.py"])
-def test_torchrun_stage2_and_stage3(tmp_path, script):
+@pytest.mark.parametrize("script,extra", [("train_MI_estimator.py", []), ("train_MIAT.py", []),
+                                          ("train_MIAT.py", ["--release-compat"])])
+def test_torchrun_stage2_and_stage3(tmp_path, script, extra):
     """The estimator and NAMID scripts run under torchrun (2 gloo processes) and write once. Stage 2's
     target is frozen, so its clean evaluation, split over the two processes, must give one process's
     counts exactly: every test image counted once (sharded), and the Fig. 4 table summed over both."""
@@ -183,7 +184,7 @@ def test_torchrun_stage2_and_stage3(tmp_path, script):
 
     common = ["--dataset", "synthetic", "--arch", "smallcnn", "--train-limit", "64", "--test-limit", "32",
               "--batch-size", "32", "--epochs", "1", "--num-steps", "1", "--eval-steps", "1", "--va-hsize", "16",
-              "--no-progress"]
+              "--no-progress", *extra]
     if script == "train_MI_estimator.py":
         test_split = load_splits("synthetic", "data", train_limit=64, test_limit=32, val_size=0, seed=0)[0]["test"]
         hits = _briefly_trained_target(tmp_path / "target.pth", test_split)
@@ -201,6 +202,8 @@ def test_torchrun_stage2_and_stage3(tmp_path, script):
     record = json.loads(lines[0])
     assert 0 <= record["clean_acc"] <= 100
     if script != "train_MI_estimator.py":
+        # The gradient balance of the first adversarial batch, measured through DDP.
+        assert record["grad_adv"] > 0 and record["grad_mi"] >= 0
         return
     import train_MI_estimator
 
