@@ -76,6 +76,8 @@ def build_parser() -> Parser:
     add_run_args(p, model_dir="checkpoints/namid")
     p.add_argument("--select-by", default="mean_acc", choices=("pgd_acc", "mean_acc"),
                    help="metric that picks target_model.pth: (clean + PGD)/2 as the release, or PGD accuracy")
+    p.add_argument("--balance-limit", type=number, default=BALANCE_LIMIT,
+                   help="warn when ‖∇θ α·L_mi‖ / ‖∇θ L_adv‖ on an epoch's first adversarial batch exceeds this")
     return p
 
 
@@ -88,7 +90,7 @@ def parse_args(argv=None):
     finish_release_args(args)
     check_positive(p, args, "epochs", "batch_size", "lr", "lr_gamma")
     check_non_negative(p, args, "alpha", "lam", "beta", "momentum", "weight_decay", "warm_up_epochs",
-                       "epsilon_ramp_epochs", "save_freq", "val_size")
+                       "epsilon_ramp_epochs", "save_freq", "val_size", "balance_limit")
     warn_without_adversarial_epoch(args)
     if args.no_adv_mi and args.no_nat_mi:
         p.error("--no-adv-mi and --no-nat-mi together leave no MI term; train with train_standard.py instead")
@@ -157,7 +159,7 @@ def main(argv=None):
         measure, balance["pending"] = balance["pending"], False
         loss, logits_adv, extra = objective(model, *nets, x, x_adv, y, **kwargs, measure_grads=measure)
         if measure:
-            warn_if_unbalanced(extra, args.alpha)
+            warn_if_unbalanced(extra, args.alpha, args.balance_limit)
         return loss, logits_adv, extra
 
     first_epoch = run.start()  # 1, or the epoch after last.pth's with --resume
@@ -169,8 +171,9 @@ def warn_if_unbalanced(extra, alpha: float, limit: float = BALANCE_LIMIT) -> Non
     """One line when α·L_mi's gradient dwarfs L_adv's: the run is then mostly training the MI loss."""
     ratio = float(extra["grad_ratio"])
     if ratio > limit and distributed.context().is_main:
-        tqdm.write(f"warning: ‖∇θ α·L_mi‖ is {ratio:.3g}× ‖∇θ L_adv‖ (above {limit:g}) on this epoch's first "
-                   f"adversarial batch: the MI loss dominates; consider a smaller --alpha (now {alpha:g})",
+        tqdm.write(f"warning: ‖∇θ α·L_mi‖ is {ratio:.3g}× ‖∇θ L_adv‖ (above --balance-limit {limit:g}) on this "
+                   "epoch's first adversarial batch: the MI loss dominates; consider a smaller --alpha "
+                   f"(now {alpha:g})",
                    file=sys.stderr)
 
 

@@ -228,6 +228,18 @@ def test_balance_warning_names_alpha(capsys):
     train_MIAT.warn_if_unbalanced({"grad_ratio": torch.tensor(9.5)}, alpha=5.0)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "12.5" in lines[0] and "--alpha (now 5)" in lines[0]
+    train_MIAT.warn_if_unbalanced({"grad_ratio": torch.tensor(3.6)}, alpha=5.0, limit=1.0)
+    assert "above --balance-limit 1" in capsys.readouterr().err
+
+
+def test_balance_limit_reaches_the_warning(mi_dir, tmp_path, capsys, monkeypatch):
+    seen = []
+    monkeypatch.setattr(train_MIAT, "warn_if_unbalanced", lambda extra, alpha, limit: seen.append((alpha, limit)))
+    argv = [*BASE, "--alpha", "0.7", "--balance-limit", "2.5", "--mi-dir", mi_dir, "--model-dir", tmp_path]
+    code, _, err = run_script(capsys, "train_MIAT", argv)
+    assert code == 0, err
+    assert seen == [(0.7, 2.5)]  # one epoch, one measured batch
+    assert train_MIAT.parse_args(["--mi-dir", "x"]).balance_limit == 10.0
 
 
 def test_release_compat_is_recorded_and_resume_refuses_a_change(mi_dir, tmp_path, capsys):
