@@ -72,14 +72,14 @@ def preset(name: str, data_dir: str) -> Dict[str, List[str]]:
         # What the authors' release ran (PAPER.md §5–7, §10), on the paper's network: stage 2 on L2
         # ε 0.5 with 20 steps of ε/20·2 (its Eq. 4 variant on L∞ 0.031, 20 steps of 0.007), stage 3
         # with 40 steps of 0.007 after 2 clean epochs and the loss without λ, models picked on the
-        # test split, and every --release-* quirk.
+        # test split by PGD-40, and every --release-* quirk.
         return {"common": ["--dataset", "cifar10", "--data-dir", data_dir, "--arch", "resnet18", "--val-size", "0"],
                 "stage1": [],
                 "stage2": ["--distance", "l_2", "--epsilon", "0.5", "--num-steps", "20", "--step-size", "0.05",
                            "--release-compat"],
                 "stage2_max": ["--epsilon", "0.031", "--num-steps", "20", "--step-size", "0.007", "--release-compat"],
-                "stage3": ["--num-steps", "40", "--step-size", "0.007", "--warm-up-epochs", "2", "--release-loss",
-                           "--release-compat"],
+                "stage3": ["--num-steps", "40", "--eval-steps", "40", "--step-size", "0.007", "--warm-up-epochs", "2",
+                           "--release-loss", "--release-compat"],
                 "eval": ["--attacks", "all-linf"], "sweep": PAPER_SWEEP}
     if name == "paper-tinyimagenet":
         return {"common": ["--dataset", "tiny-imagenet", "--data-dir", data_dir, "--arch", "resnet18"],

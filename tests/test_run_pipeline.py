@@ -248,8 +248,8 @@ def test_release_preset_runs_the_release_settings_and_quirks(tmp_path, capsys):
     eq4 = train_MI_estimator_only_max.parse_args(commands["train_MI_estimator_only_max.py"].split()[2:])
     assert (eq4.distance, eq4.epsilon, eq4.num_steps, eq4.step_size) == ("l_inf", 0.031, 20, 0.007)
     three = train_MIAT.parse_args(commands["train_MIAT.py"].split()[2:])
-    assert (three.num_steps, three.step_size, three.warm_up_epochs, three.release_loss, three.val_size) == \
-        (40, 0.007, 2, True, 0)
+    assert (three.num_steps, three.eval_steps, three.step_size, three.warm_up_epochs, three.release_loss,
+            three.val_size) == (40, 40, 0.007, 2, True, 0)
     assert three.quirks == Quirks.release() and three.lam == 0.1  # λ is unused: the release loss has no λ term
     assert "test_comparison.py" in commands and "train_standard.py" in commands
     assert "--release-compat" not in commands["test_comparison.py"]
