@@ -31,6 +31,19 @@ for alpha in 0.03 0.1 0.3 1 5; do
   done
 done
 
+# α = 1 with one change each against the corrected run: a stage-3 quirk, or the --release-compat estimators.
+for change in selection dv_mask estimators; do
+  case $change in
+    selection) extra="--release-selection"; mi=$OUT/mi_estimator ;;
+    dv_mask) extra="--release-dv-mask"; mi=$OUT/mi_estimator ;;
+    estimators) extra=""; mi=$OUT/mi_estimator_release ;;
+  esac
+  name=namid_a1_quirk_$change
+  python train_MIAT.py $DATA --va-hsize 512 $TRAIN --alpha 1 --adv-loss ce $extra --mi-dir $mi --model-dir $OUT/$name
+  python test_comparison.py --dataset fashion-mnist --data-dir data --arch smallcnn --epsilon 0.1 --channels-last \
+      --attacks pgd40 --batch-size 500 --model-dir $OUT/$name --name $name --out $OUT/eval/$name.json --no-progress
+done
+
 # Stronger estimators for Fig. 4 (results/fashion-mnist/mi_estimator_h2048): the paper's H = 2048, 3× the epochs.
 python train_MI_estimator.py $DATA --va-hsize 2048 --epochs 12 --batch-size 200 --num-steps 10 --lr-milestones 9 \
     --pre-target $OUT/standard/best_model.pth --model-dir $OUT/mi_estimator_h2048
