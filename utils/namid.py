@@ -6,18 +6,16 @@ training loop.
 
 ``namid_loss`` is L_mi as a pure function of the four per-sample MI vectors; ``namid_objective``
 computes those vectors from a model, the frozen estimators and a batch, and adds L_adv."""
-import json
-from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from models import feature_shapes
-from models.estimator import MIEstimator, build_estimator
+from models.estimator import MIEstimator
 from utils import distributed
-from utils.attacks.base import bare_module
-from utils.estimators import load_estimators, target_outputs
+from utils.checkpoint import run_config
+from utils.estimators import build_one_estimator, load_estimators, target_outputs
 from utils.losses import adversarial_loss, grad_balance
 from utils.mi import mi_per_sample
 from utils.mi_objectives import if_nonempty, restrict, safe_cosine, set_size
@@ -146,16 +144,11 @@ def load_mi_estimators(mi_dir, model: nn.Module, in_channels: int, num_classes: 
     The width H and the layer the global nets read come from the folder's config.json (as
     train_MI_estimator.py wrote it; without one, H = 2048 and the logits). ``image_size`` is
     needed only for estimators that read an internal layer."""
-    config = {}
-    path = Path(mi_dir) / "config.json"
-    if path.is_file():
-        config = json.loads(path.read_text())
-    layer = "layer3" if config.get("is_internal") else "layer4" if config.get("is_internal_last") else None
-    shape = None
-    if layer is not None:
-        shape = feature_shapes(bare_module(model), (in_channels, image_size, image_size))[layer]
+    config = run_config(mi_dir)
+    flags = SimpleNamespace(va_hsize=config.get("va_hsize", 2048), is_internal=config.get("is_internal", False),
+                            is_internal_last=config.get("is_internal_last", False))
+    info = SimpleNamespace(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     device = next(model.parameters()).device
-    pair = {kind: build_estimator(in_channels, num_classes, config.get("va_hsize", 2048), layer, shape).to(device)
-            for kind in ("natural", "adversarial")}
+    pair = {kind: build_one_estimator(flags, info, model, device) for kind in ("natural", "adversarial")}
     load_estimators(pair, mi_dir)
     return freeze(pair["natural"]), freeze(pair["adversarial"])

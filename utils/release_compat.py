@@ -7,7 +7,7 @@ run what the authors ran. Crashes and hard-coded devices of the release are not 
 import argparse
 import sys
 from dataclasses import dataclass, fields
-from typing import Callable, List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn as nn
@@ -95,18 +95,17 @@ class BatchNormReplay:
         self.saved = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False)})
                       for m in self.module.modules() if isinstance(m, _BatchNorm)]
 
-    def run(self, inputs: Sequence[torch.Tensor], forward: Optional[Callable] = None) -> None:
+    def run(self, inputs: Sequence[torch.Tensor]) -> None:
         for layer, buffers in self.saved:
             for name, value in buffers.items():
                 # Through .data: the step's graph holds these buffers, and backward must not
                 # see a version bump (train-mode BatchNorm does not read them in backward).
                 getattr(layer, name).data.copy_(value)
-        forward = forward or self.module
         # No random number drawn here (dropout) may shift what the run draws next.
         devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             for x in inputs:
-                forward(x)
+                self.module(x)
 
 
 def release_stage3_passes(x: torch.Tensor, x_adv: torch.Tensor, w_nonempty: bool) -> List[torch.Tensor]:

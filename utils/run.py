@@ -3,7 +3,6 @@ last.pth, written so that an interrupted run resumes where it stopped."""
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -64,7 +63,6 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)  # checked writable by the setup, before the data loaded
         self.metrics_path = self.dir / "metrics.jsonl"
         self.last_path = self.dir / "last.pth"
-        self.started = time.time()
 
     @classmethod
     def from_args(cls, args, modules: Dict[str, nn.Module], optimizer, scheduler,
