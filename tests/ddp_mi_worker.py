@@ -26,13 +26,16 @@ BATCH = 16
 
 def gradients() -> dict:
     ctx = distributed.context()
+    # float64: two processes sum the gathered rows' gradients in another order than one process,
+    # which in float32 already differs by about 1e-4 relative on some CPUs.
+    torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     # No BatchNorm or dropout in the target: its per-process work is exactly its shard.
     net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 15 * 15, 10))
     nn.init.normal_(net[-1].weight, std=0.05)
     est_n, est_a = build_estimator(3, 10, 16), build_estimator(3, 10, 16)
     splits, _ = load_splits("synthetic", "data", train_limit=64, seed=0)
-    x = splits["train"].images[:BATCH].float() / 255
+    x = splits["train"].images[:BATCH].double() / 255
     x_adv = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     with torch.no_grad():
         y = net(x).argmax(1)  # every sample correct on x, so W is where the noise flips the prediction

@@ -20,9 +20,11 @@ def test_number_reads_fractions_and_plain_floats():
     assert number("8/255") == 8 / 255
     assert number("0.5") == 0.5
     assert number("-2") == -2.0
+    assert number("0.5/255") == pytest.approx(0.5 / 255, rel=1e-15)  # budgets are written like that
+    assert number("1e-3/2") == pytest.approx(5e-4, rel=1e-15)
 
 
-@pytest.mark.parametrize("text", ["x", "inf", "-inf", "nan", "1/0", "8/"])
+@pytest.mark.parametrize("text", ["x", "inf", "-inf", "nan", "1/0", "8/", "1/2/3", "inf/2", "0.5/x"])
 def test_number_refuses_what_is_not_a_finite_number(text):
     with pytest.raises(argparse.ArgumentTypeError, match="number"):
         number(text)

@@ -35,9 +35,13 @@ class Parser(argparse.ArgumentParser):
 
 
 def number(text: str) -> float:
-    """A float that may be written as a fraction, e.g. ``8/255``."""
+    """A float that may be written as a fraction of two decimals, e.g. ``8/255`` or ``0.5/255``."""
     try:
-        value = float(Fraction(text)) if "/" in text else float(text)
+        if "/" in text:
+            numerator, denominator = text.split("/")  # more than one "/" is a ValueError
+            value = float(Fraction(numerator) / Fraction(denominator))
+        else:
+            value = float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(value):

@@ -141,7 +141,7 @@ def crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip:
 
 
 class BatchLoader:
-    """Batches of a :class:`Split` as (float32 images in [0, 1], int64 labels) on ``device``.
+    """Batches of a :class:`Split` as (images in [0, 1] in the default dtype (float32), int64 labels) on ``device``.
 
     Each pass draws its permutation and augmentation from ``generator`` (a fixed amount per
     pass, whatever the rank), so restoring the generator's state replays an epoch. Ranks must
@@ -220,4 +220,4 @@ class BatchLoader:
             y = self.split.labels[index].to(self.device, non_blocking=True)
             if self.augment:
                 x = crop_flip(x, top[part], left[part], flip[part], self.info.crop_padding)
-            yield x.float().div_(255), y
+            yield x.to(torch.get_default_dtype()).div_(255), y

@@ -39,7 +39,7 @@ class Meter:
         self.counts: Dict[str, float] = {}
 
     def add(self, name: str, value: torch.Tensor, n: float = 1.0) -> None:
-        value = value.detach().float() * n
+        value = value.detach().double() * n  # float64 sums: many float32 batch means would round off
         self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.counts[name] = self.counts.get(name, 0.0) + n
 

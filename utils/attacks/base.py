@@ -16,6 +16,12 @@ def canonical_norm(norm: str) -> str:
         raise ValueError(f"unknown norm {norm!r}; expected one of l_inf, l_2") from None
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 at least: bf16 autocast logits are upcast for the loss, float64 stays
+    float64 (the pinned runs compute in float64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module an attack should call: the one behind DistributedDataParallel / DataParallel.
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import ascent_direction, attack_mode, canonical_norm, draw, project, unwrap
+from .base import ascent_direction, attack_mode, canonical_norm, draw, full_precision, project, unwrap
 from .base import random_start as uniform_start
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -18,12 +18,12 @@ TRADES_START_STD = 0.001
 
 def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # A sum, not a mean: each sample's input gradient must not shrink with the batch size.
-    return F.cross_entropy(logits.float(), y, reduction="sum")
+    return F.cross_entropy(full_precision(logits), y, reduction="sum")
 
 
 def _kl_to(p_nat: torch.Tensor) -> LossFn:
     def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.kl_div(F.log_softmax(logits.float(), dim=1), p_nat, reduction="sum")
+        return F.kl_div(F.log_softmax(full_precision(logits), dim=1), p_nat, reduction="sum")
 
     return loss
 
@@ -58,7 +58,7 @@ def pgd(
             loss_fn = _ce
         elif loss == "kl":
             with torch.no_grad():
-                loss_fn = _kl_to(F.softmax(net(x).float(), dim=1))
+                loss_fn = _kl_to(F.softmax(full_precision(net(x)), dim=1))
         elif callable(loss):
             loss_fn = loss
         else:
