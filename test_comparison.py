@@ -18,7 +18,7 @@ from models import MODEL_NAMES, get_model
 from utils.attacks.autoattack import VERSIONS as AA_VERSIONS
 from utils.attacks.registry import GROUPS, build_attack, expand_attack_names
 from utils.checkpoint import atomic_write_text, load_weights, run_config, writable_dir
-from utils.cli import Parser, add_data_args, check_positive, linf_budget_problem, number
+from utils.cli import Parser, add_compile_backend_arg, add_data_args, check_positive, linf_budget_problem, number
 from utils.device import resolve_device, seed_everything
 from utils.eval_output import (
     attack_settings,
@@ -147,6 +147,7 @@ def build_parser() -> Parser:
                         "off by default so reported numbers are exact fp32 numbers")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the models")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    add_compile_backend_arg(p)
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="turn off cudnn.benchmark (on by default on CUDA)")
     p.add_argument("--md", default=None, metavar="FILE", help="also write the Markdown tables to FILE")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -332,7 +333,7 @@ def main(argv=None):
     def fast(model):
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        return compiled(model) if args.compile else model
+        return compiled(model, args.compile_backend) if args.compile else model
 
     targets = {s["name"]: fast(load_model(s["arch"], s["path"], s["flag"], info, device)) for s in specs}
     surrogate_arch = args.surrogate_arch or DEFAULT_SURROGATE_ARCH

@@ -40,6 +40,7 @@ from models.estimator import build_estimator  # noqa: E402
 from train_standard import standard_objective  # noqa: E402
 from utils.attacks.autoattack import autoattack  # noqa: E402
 from utils.attacks.pgd import pgd  # noqa: E402
+from utils.cli import add_compile_backend_arg  # noqa: E402
 from utils.data import BatchLoader, load_splits  # noqa: E402
 from utils.loop import FastPath, evaluate, train_epoch  # noqa: E402
 from utils.losses import ATTACK_FOR_LOSS  # noqa: E402
@@ -91,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true", help="ours in NHWC memory format, model and batches")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile ours' target model (the warm-up steps absorb the compilation)")
+    add_compile_backend_arg(p)
     p.add_argument("--options", default=None,
                    help=f"comma list among {', '.join(OPTIONS)}: time ours with all of them off (the baseline) and "
                         "with each alone, alternated --repeats times; no reference, no autoattack-100")

@@ -183,11 +183,21 @@ def finish_estimator_args(p: Parser, args: argparse.Namespace) -> argparse.Names
     return args
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager")
+
+
+def add_compile_backend_arg(p: Parser) -> None:
+    p.add_argument("--compile-backend", default="inductor", choices=COMPILE_BACKENDS,
+                   help="backend of --compile; aot_eager traces the same graphs (Dynamo, AOTAutograd) without "
+                        "generating code: quick to compile, for checking a run before a long one")
+
+
 def add_speed_args(p: Parser) -> None:
     """The GPU fast path and multi-GPU options (README "Speed and scale")."""
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast for forward passes; losses, input gradients and MI scores stay fp32")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the model and batches")
     p.add_argument("--compile", action="store_true", help="torch.compile the target model")
+    add_compile_backend_arg(p)
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="turn off cudnn.benchmark (on by default on CUDA)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes under torchrun")

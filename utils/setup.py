@@ -3,6 +3,7 @@ loaders, the model (fresh for stages 1 and 3, frozen for stage 2) and its fast p
 from typing import NamedTuple
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn as nn
 
 from models import get_model
@@ -62,7 +63,7 @@ def frozen_target(args, info: DatasetInfo, device) -> nn.Module:
     if args.channels_last:
         target = target.to(memory_format=torch.channels_last)
     if args.compile:
-        target = compiled(target)
+        target = compiled(target, args.compile_backend)
     return target
 
 
@@ -77,21 +78,27 @@ def speed_up(model: nn.Module, args) -> nn.Module:
             raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU implementation)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.compile:
-        model = compiled(model)
+        model = compiled(model, args.compile_backend)
     return distributed.wrap(model)
 
 
-def compiled(model: nn.Module) -> nn.Module:
-    """``torch.compile(model)``, with room for every graph a run needs.
+def compiled(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``torch.compile(model, backend=backend)``, with room for every graph a run needs.
 
     Dynamo compiles one graph per combination it meets: train or eval mode, parameter
-    gradients on or off (attacks switch them off), grad mode, input gradients, and the smaller
-    last batch. A NAMID run with TRADES needs 7; past the default limit of 8, Dynamo would
-    fall back to eager mode without a word."""
+    gradients on or off (attacks switch them off), grad mode and input gradients. A NAMID run
+    with TRADES needs 7; past the default limit of 8, Dynamo would fall back to eager mode
+    without a word. The smaller last batch is kept, not padded or dropped: Dynamo then marks
+    the batch dimension dynamic and compiles one graph that serves every size (docs/usage.md)."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 32))
-    return torch.compile(model)
+    # The gradient balance (utils.losses.grad_balance) differentiates a step's graph with
+    # retain_graph=True before the step's backward; AOTAutograd's donated buffers would free the
+    # saved tensors at the first of those calls, and refuse them.
+    if hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False
+    return torch.compile(model, backend=backend)
 
 
 def shard(split, ctx=None):

@@ -28,13 +28,14 @@ def make_synthetic(sizes=(512, 256), shape=(3, 32, 32), classes: int = 10, seed:
         raise DataError(f"synthetic sizes must be two positive counts (train, test), got {tuple(sizes)}")
     channels, height, width = (int(s) for s in shape)
     g = seeded(seed)
-    coarse = torch.rand((classes, channels, min(4, height), min(4, width)), generator=g) * 255
+    # float32 whatever the default dtype: the same seed gives the same images in a float64 run
+    coarse = torch.rand((classes, channels, min(4, height), min(4, width)), generator=g, dtype=torch.float32) * 255
     coarse = (coarse + coarse.flip(-1)) / 2
     templates = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
 
     def draw(n: int) -> Split:
         labels = (torch.arange(n) % classes)[torch.randperm(n, generator=g)]
-        noise = torch.randn((n, channels, height, width), generator=g) * 32
+        noise = torch.randn((n, channels, height, width), generator=g, dtype=torch.float32) * 32
         images = (templates[labels] + noise).round_().clamp_(0, 255).to(torch.uint8)
         return Split(images, labels)
 
