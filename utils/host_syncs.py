@@ -16,6 +16,7 @@ What it cannot see: syncs inside a C++ kernel or inside a Python torch function 
 a whole (it sees ``F.interpolate``, not what runs in it), and tensors made from host data on a
 CPU-only run cost no copy there (they are counted all the same, as ``tensor``)."""
 from collections import Counter
+from contextlib import contextmanager
 from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
@@ -108,6 +109,15 @@ class HostSyncs(TorchFunctionMode):
                 self.calls[kind] += 1
         return func(*args, **kwargs)
 
+    @contextmanager
+    def paused(self):
+        """Nothing in the block is counted (e.g. host-side bookkeeping that is no sync on any device)."""
+        self._paused += 1
+        try:
+            yield self
+        finally:
+            self._paused -= 1
+
     @property
     def total(self) -> int:
         return sum(self.calls.values())
@@ -118,13 +128,11 @@ class HostSyncs(TorchFunctionMode):
         record = self.batches.setdefault(str(label), [])
         items = iter(iterable)
         while True:
-            self._paused += 1
-            try:
-                item = next(items)
-            except StopIteration:
-                return
-            finally:
-                self._paused -= 1
+            with self.paused():
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
             before = Counter(self.calls)
             yield item
             record.append(self.calls - before)
