@@ -18,8 +18,16 @@ from models import MODEL_NAMES, get_model
 from utils.attacks.autoattack import VERSIONS as AA_VERSIONS
 from utils.attacks.registry import GROUPS, build_attack, expand_attack_names
 from utils.checkpoint import atomic_write_text, load_weights, run_config, writable_dir
-from utils.cli import Parser, add_compile_backend_arg, add_data_args, check_positive, linf_budget_problem, number
-from utils.device import resolve_device, seed_everything
+from utils.cli import (
+    TF32_HELP,
+    Parser,
+    add_compile_backend_arg,
+    add_data_args,
+    check_positive,
+    linf_budget_problem,
+    number,
+)
+from utils.device import resolve_device, seed_everything, set_tf32
 from utils.eval_output import (
     attack_settings,
     examples_text,
@@ -149,6 +157,7 @@ def build_parser() -> Parser:
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     add_compile_backend_arg(p)
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="turn off cudnn.benchmark (on by default on CUDA)")
+    p.add_argument("--tf32", action="store_true", help=TF32_HELP)
     p.add_argument("--md", default=None, metavar="FILE", help="also write the Markdown tables to FILE")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -329,6 +338,7 @@ def main(argv=None):
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
+        set_tf32(args.tf32)
 
     def fast(model):
         if args.channels_last:
@@ -369,7 +379,7 @@ def main(argv=None):
                 "dataset": info.name, "data_dir": args.data_dir, "n_examples": len(split),
                 "examples": "first N of the test split" + (" (after --test-limit)" if args.test_limit else ""),
                 "test_limit": args.test_limit, "batch_size": args.batch_size, "seed": args.seed,
-                "device": str(device), "mode": "transfer" if surrogate is not None else "white-box",
+                "device": str(device), "tf32": args.tf32, "mode": "transfer" if surrogate is not None else "white-box",
                 "surrogate": ({"checkpoint": args.surrogate, "arch": surrogate_arch} if surrogate is not None
                               else None),
                 "aa_version": args.aa_version, "epsilon_flag": args.epsilon,

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from utils.cli import (
+    TF32_HELP,
     Parser,
     add_attack_args,
     check_non_negative,
@@ -109,3 +110,13 @@ def test_check_non_negative_exits_with_status_2_on_a_bad_value(capsys):
             check_non_negative(p, argparse.Namespace(weight_decay=bad), "weight_decay")
         assert exit_.value.code == 2
         assert "--weight-decay must not be negative" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["train_standard", "train_MI_estimator", "train_MI_estimator_only_max",
+                                    "train_MIAT", "test_comparison"])
+def test_every_script_takes_tf32_off_by_default(script):
+    import importlib
+
+    parser = importlib.import_module(script).build_parser()
+    (action,) = [a for a in parser._actions if "--tf32" in a.option_strings]
+    assert action.default is False and action.help == TF32_HELP

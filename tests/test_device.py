@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.device import resolve_device, rng_state, seed_everything, set_rng_state
+import utils.device
+from utils.device import prepare_device, resolve_device, rng_state, seed_everything, set_rng_state
 from utils.script import UserError
 
 
@@ -26,3 +27,29 @@ def test_device_flag():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--device cuda"):
             resolve_device("cuda")
+
+
+@pytest.fixture
+def matmul_precision():
+    """Restores PyTorch's matmul precision (and cudnn.benchmark) after the test."""
+    before, benchmark = torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark
+    yield
+    torch.set_float32_matmul_precision(before)
+    torch.backends.cudnn.benchmark = benchmark
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_tf32_reaches_the_matmul_setting_on_cuda(monkeypatch, matmul_precision, tf32):
+    # A CUDA device as far as prepare_device can tell: the setting is a flag, no GPU is needed to set it.
+    monkeypatch.setattr(utils.device, "resolve_device", lambda name: torch.device("cuda", 0))
+    torch.set_float32_matmul_precision("high" if not tf32 else "highest")  # the opposite, so that it must change
+    assert prepare_device("auto", 8, tf32=tf32).type == "cuda"
+    assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32
+    assert torch.backends.cudnn.allow_tf32  # convolutions: PyTorch's default, left alone
+
+
+def test_tf32_leaves_a_cpu_run_in_full_fp32(matmul_precision):
+    torch.set_float32_matmul_precision("highest")
+    assert prepare_device("cpu", 8, tf32=True).type == "cpu"
+    assert torch.get_float32_matmul_precision() == "highest"

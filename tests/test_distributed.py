@@ -233,7 +233,8 @@ def test_mi_terms_under_torchrun_equal_one_process(tmp_path):
 def test_gather_batch_on_uneven_shards_with_a_bool_mask(tmp_path):
     """Rank 0 holds rows 0-2, rank 1 rows 3-4: both see all five rows in rank order, the mask
     stays bool, and each rank's gradient is its own rows' share of the common loss, summed over
-    the two processes that computed it (DDP's averaging halves it back)."""
+    the two processes that computed it (DDP's averaging halves it back). Equal shards, as the
+    training loader gives, gather the same way without being told the sizes, and without a host sync."""
     proc = _run([*TORCHRUN, "tests/ddp_gather_worker.py", str(tmp_path / "g")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = torch.cat([torch.arange(6.0).view(3, 2), torch.arange(4.0).view(2, 2) + 30])
@@ -243,6 +244,75 @@ def test_gather_batch_on_uneven_shards_with_a_bool_mask(tmp_path):
         assert torch.equal(got["values"], expected)
         assert got["mask"].dtype == torch.bool and got["mask"].tolist() == [True, False, True, False, True]
         assert torch.equal(got["grad"], 2 * weights[rows])
+        # Equal shards need no sizes: the gather and its backward read nothing back to the host.
+        assert torch.equal(got["even"], torch.tensor([0.0, 0, 0, 0, 1, 1, 1, 1]).view(4, 2))
+        assert got["even_mask"].tolist() == [False, False, True, True]
+        assert torch.equal(got["even_grad"], 2 * torch.arange(8.0).view(4, 2)[2 * rank: 2 * rank + 2])
+        assert got["syncs"] == 0
+
+
+def test_average_gradients_in_buckets_equals_one_all_reduce_per_parameter(tmp_path):
+    """Two gloo processes: the bucketed average is the per-parameter one (a missing gradient counts
+    as zero, frozen parameters are left alone, an NHWC gradient keeps its layout), with one
+    all_reduce per bucket, fewer than the parameters."""
+    proc = _run([*TORCHRUN, "tests/ddp_average_worker.py", str(tmp_path / "a")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = [torch.load(tmp_path / f"a.{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for got in results:
+        assert got["bucketed"].keys() == got["reference"].keys() and len(got["reference"]) == 6
+        for name, grad in got["reference"].items():
+            assert got["bucketed"][name].dtype == grad.dtype
+            assert torch.equal(got["bucketed"][name], grad), name  # the same sums, so the same bits
+        assert torch.equal(got["bucketed"]["1.bias"], torch.zeros(30))
+        assert got["frozen_grad"] == [None, None]
+        assert got["channels_last"]
+        assert len(got["calls"]) == got["buckets"] < got["parameters"]
+        assert sum(got["calls"]) == sum(g.numel() for g in got["reference"].values())
+    assert torch.equal(results[0]["bucketed"]["0.weight"], results[1]["bucketed"]["0.weight"])
+
+
+def test_buckets_group_consecutive_tensors_of_one_dtype_within_the_limit():
+    from utils.distributed import buckets
+
+    f32 = [torch.zeros(n) for n in (10, 10, 30, 5)]  # 40, 40, 120, 20 bytes
+    f64 = torch.zeros(2, dtype=torch.float64)
+    groups = buckets([*f32[:3], f64, f32[3]], limit=100)
+    assert [[t.numel() for t in g] for g in groups] == [[10, 10], [30], [2], [5]]
+    assert buckets([], limit=100) == []
+    assert len(buckets(f32, limit=10**9)) == 1
+
+
+def test_init_binds_the_process_group_to_this_gpu(monkeypatch):
+    """On CUDA, init_process_group gets device_id = this process's GPU where PyTorch takes it (≥ 2.3)."""
+    from utils import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "_CONTEXT", distributed.Context())  # restored afterwards
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+
+    def init_process_group(backend, device_id=None):
+        calls.append((backend, device_id))
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", init_process_group)
+    assert distributed.init("auto") == distributed.Context(1, 2, 1)
+    assert calls == [("set_device", 1), ("nccl", torch.device("cuda", 1))]
+
+    def old_init_process_group(backend):  # PyTorch < 2.3 has no device_id
+        calls.append((backend,))
+
+    calls.clear()
+    monkeypatch.setattr(distributed.dist, "init_process_group", old_init_process_group)
+    distributed.init("auto")
+    assert calls == [("set_device", 1), ("nccl",)]
+    calls.clear()
+    distributed.init("cpu")  # gloo on CPU: no GPU to bind
+    assert calls == [("gloo",)]
 
 
 @pytest.mark.parametrize("saved_ranks", [2, None])  # another process count; a last.pth without per-process states

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import utils.evaluation
 from tests.helpers import Tiny, markdown_tables, tiny_split
 from utils.attacks.registry import Attack, build_attack
 from utils.eval_output import results_json, sweep_table
@@ -13,7 +14,9 @@ from utils.evaluation import Evaluation
 from utils.splits import Split
 
 
-def test_white_box_attacks_only_the_correctly_classified_examples():
+def test_white_box_attacks_whole_batches_and_masks_the_clean_mistakes():
+    """Every batch is attacked whole, so every attack call sees the same shape; an example the
+    model misclassifies clean is never robust, whatever the attack made of it."""
     model = Tiny("plain").eval()
     split = tiny_split(64)
     x = split.images.float() / 255
@@ -30,18 +33,46 @@ def test_white_box_attacks_only_the_correctly_classified_examples():
     engine = Evaluation({"m": model}, split, batch_size=16, device="cpu", progress=False,
                            report=Report(echo=False))
     result = engine.run([spy])["m"]
-    assert torch.equal(torch.cat(seen), split.labels[correct])
+    assert [len(yb) for yb in seen] == [16] * 4
+    assert torch.equal(torch.cat(seen), split.labels)
     assert not (result.robust["spy"] & ~correct).any()
     # Each attacked batch is scored on its own: recompute the mask from the same flipped batches.
-    expected = []
-    for k in range(4):
-        part = slice(16 * k, 16 * (k + 1))
-        keep = correct[part]
-        with torch.no_grad():
-            adv_right = model(x[part][keep].flip(0)).argmax(dim=1) == split.labels[part][keep]
-        expected.append(torch.zeros(16, dtype=torch.bool).masked_scatter(keep, adv_right))
-    assert torch.equal(result.robust["spy"], torch.cat(expected))
+    with torch.no_grad():
+        adv_right = torch.cat([model(x[k: k + 16].flip(0)).argmax(dim=1) for k in range(0, 64, 16)]) == split.labels
+    assert torch.equal(result.robust["spy"], correct & adv_right)
+    assert (correct & ~adv_right).any() and (~correct & adv_right).any()  # both rules are exercised
 
+
+def test_the_split_moves_to_the_device_once(monkeypatch):
+    """Every pass (the checks, each target's clean pass, each attack) batches the one device copy."""
+    moved, passes = [], []
+    real_to, real_loader = Split.to, utils.evaluation.BatchLoader
+    monkeypatch.setattr(Split, "to", lambda split, device: moved.append(torch.device(device)) or real_to(split, device))
+    monkeypatch.setattr(utils.evaluation, "BatchLoader",
+                        lambda split, *a, **k: passes.append(split) or real_loader(split, *a, **k))
+    engine = Evaluation({"a": Tiny().eval(), "b": Tiny().eval()}, tiny_split(32), batch_size=16, device="cpu",
+                        progress=False, report=Report(echo=False))
+    engine.run([build_attack("pgd1"), build_attack("l2-pgd1")])
+    assert moved == [torch.device("cpu")]
+    assert len(passes) == 7 and all(split is engine.split for split in passes)  # 1 + 2 clean + 2 × 2 attacks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_engine_counts_what_a_cpu_engine_counts():
+    torch.manual_seed(0)
+    model, split = Tiny().eval(), tiny_split(48)
+    results = {}
+    for device in ("cpu", "cuda"):
+        engine = Evaluation({"m": model.to(device)}, split, batch_size=16, device=device, progress=False,
+                            report=Report(echo=False))
+        assert engine.split.images.device.type == device
+        results[device] = engine.run([build_attack("pgd3", random_start=False)])["m"]
+    cuda, cpu = results["cuda"], results["cpu"]
+    assert cuda.clean.device.type == cuda.robust["pgd3"].device.type == "cpu" and cuda.clean.shape == (48,)
+    assert not (cuda.robust["pgd3"] & ~cuda.clean).any()
+    # Other kernels, other rounding: an example at a decision boundary may go either way.
+    assert (cuda.clean != cpu.clean).sum() <= 2
+    assert abs(int(cuda.robust["pgd3"].sum()) - int(cpu.robust["pgd3"].sum())) <= 2
 
 
 def test_transfer_crafts_each_batch_once_for_all_targets():
@@ -161,7 +192,7 @@ def test_trust_checks_fire(kind, fragment):
 def test_autoattack_own_warnings_are_kept():
     def run(attack):
         # A noisy model whose bias makes every example right: AutoAttack runs on all of them
-        # (white-box attacks skip clean mistakes, and a random model could get none right).
+        # (a random model could get none right).
         model = Tiny("noisy")
         with torch.no_grad():
             model.fc.bias.copy_(10.0 * F.one_hot(torch.tensor(3), 10))

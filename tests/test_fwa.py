@@ -17,6 +17,7 @@ from utils.attacks.fwa import (
     transport_cost,
     valid_moves,
 )
+from utils.host_syncs import HostSyncs
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,35 @@ def test_project_plan_is_the_closest_feasible_plan(kernel_size):
     plan32 = project_plan(v.float(), x.float(), budget.float(), kernel_size)
     assert (plan_cost(plan32, cost) <= budget.float() * (1 + 1e-5) + 1e-6).all()
     assert torch.allclose(plan32.double(), plan, atol=1e-4)
+
+
+def test_projection_and_oracle_run_their_steps_without_a_host_sync():
+    """No early exit that would wait for the device; a sample that has met its budget stays put,
+    so more dual steps change nothing once every sample has converged."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 1, 5, 5, generator=g, dtype=torch.float64)
+    budget = 0.05 * x.flatten(1).sum(1)
+    budget[0] = 1e9  # inactive for one sample, active for the others
+    v = identity_plan(x, 3) + 0.3 * torch.randn(4, 1, 9, 5, 5, generator=g, dtype=torch.float64)
+    with HostSyncs() as syncs:
+        plan = project_plan(v, x, budget, 3, dual_iters=15)
+        vertex = linear_oracle(v, x, budget, 3, dual_iters=15)
+    assert syncs.total == 0, syncs.calls
+    assert torch.equal(project_plan(v, x, budget, 3, dual_iters=40), plan)
+    alone = _simplex_rows(v.movedim(2, -1), x[..., None], valid_moves(3, 5, 5).movedim(0, -1)).movedim(-1, 2)
+    assert torch.equal(plan[0], alone[0])
+    assert (plan_cost(vertex, transport_cost(3)) <= budget * (1 + 1e-9)).all()
+
+
+@pytest.mark.parametrize("attack", [fwa_fw, fwa_pgd])
+def test_fwa_steps_read_nothing_back_to_the_host(tiny, attack):
+    model, x, y = tiny
+    counts = []
+    for steps in (1, 3):
+        with HostSyncs() as syncs:
+            attack(model, x, y, 0.1, steps=steps)
+        counts.append(syncs.calls)
+    assert counts[0] == counts[1] and sum(counts[0].values()) <= 1, counts  # only the input check, once
 
 
 def test_linear_oracle_solves_the_linear_program():

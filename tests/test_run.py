@@ -71,6 +71,8 @@ def test_resume_refuses_a_changed_flag_and_another_scripts_run(tmp_path):
                     epochs=5).start() == 2
     with pytest.raises(UserError, match="--release-passes"):
         make_run(tmp_path, flags={"lr": 0.1, "epochs": 5, "release_passes": True}, resume=True, epochs=5).start()
+    # --tf32 (precision, like --amp) may change, and a run recorded before it existed resumes.
+    assert make_run(tmp_path, flags={"lr": 0.1, "epochs": 5, "tf32": True}, resume=True, epochs=5).start() == 2
 
 
 def test_stage_2_selects_by_epoch_number(tmp_path):
@@ -95,3 +97,15 @@ def test_flags_of_keeps_plain_values_only():
 
     assert flags_of(SimpleNamespace(a=1, b="x", c=[1], d=None, quirks=object())) == {"a": 1, "b": "x", "c": [1],
                                                                                      "d": None}
+
+
+def test_a_training_script_records_tf32_in_config_json(tmp_path, capsys):
+    from tests.helpers import run_script
+
+    argv = ["--dataset", "synthetic", "--arch", "smallcnn-nobn", "--train-limit", "32", "--test-limit", "16",
+            "--batch-size", "16", "--epochs", "1", "--warm-up-epochs", "1", "--eval-steps", "1", "--no-progress"]
+    for flag, value in (([], False), (["--tf32"], True)):
+        folder = tmp_path / str(value)
+        code, _, err = run_script(capsys, "train_standard", [*argv, *flag, "--model-dir", folder])
+        assert code == 0, err
+        assert json.loads((folder / "config.json").read_text())["tf32"] is value

@@ -10,7 +10,8 @@ from utils.setup import fresh_model, frozen_target, setup, sgd
 def flags(tmp_path, **kw):
     base = dict(model_dir=str(tmp_path / "run"), device="cpu", batch_size=16, no_cudnn_benchmark=False, seed=1,
                 dataset="synthetic", data_dir="data", train_limit=64, test_limit=32, val_size=None, arch="smallcnn",
-                channels_last=False, sync_bn=False, compile=False, lr=0.1, momentum=0.9, weight_decay=2e-4,
+                channels_last=False, sync_bn=False, compile=False, compile_backend="inductor", tf32=False, lr=0.1,
+                momentum=0.9, weight_decay=2e-4,
                 lr_milestones=[2], lr_gamma=0.1)
     base.update(kw)
     return SimpleNamespace(**base)
@@ -44,3 +45,14 @@ def test_fresh_model_sgd_and_frozen_target(tmp_path):
     target = frozen_target(flags(tmp_path, pre_target=tmp_path / "best_model.pth"), s.info, s.device)
     assert not target.training and not any(p.requires_grad for p in target.parameters())
     assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), saved.state_dict().values()))
+
+
+def test_setup_passes_tf32_to_the_device(tmp_path, monkeypatch):
+    import utils.setup
+
+    seen = []
+    real = utils.setup.prepare_device
+    monkeypatch.setattr(utils.setup, "prepare_device", lambda *a, **k: seen.append(k["tf32"]) or real(*a, **k))
+    setup(flags(tmp_path, tf32=True))
+    setup(flags(tmp_path))
+    assert seen == [True, False]

@@ -3,8 +3,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.attacks import tidim as tidim_module
 from utils.attacks.registry import build_attack
 from utils.attacks.tidim import diverse_input, gaussian_kernel, mifgsm, smooth_gradient, tidim
+from utils.host_syncs import HostSyncs
 
 
 def test_tidim_pieces():
@@ -141,3 +143,22 @@ def test_tidim_feeds_every_step_through_diverse_input(monkeypatch):
     calls.clear()
     mifgsm(model, x, y, 0.05, steps=2)
     assert calls == []
+
+
+def test_tidim_builds_its_kernel_once_per_device_and_dtype(monkeypatch):
+    """The TI kernel is made on the inputs' device and dtype once, not copied there at every step,
+    and the steps read nothing back to the host (DI off: its draws are host-side)."""
+    built, seen = [], []
+    real_kernel, real_smooth = tidim_module.gaussian_kernel, tidim_module.smooth_gradient
+    monkeypatch.setattr(tidim_module, "gaussian_kernel", lambda *a: built.append(a) or real_kernel(*a))
+    monkeypatch.setattr(tidim_module, "smooth_gradient", lambda g, k: seen.append(k) or real_smooth(g, k))
+    tidim_module._kernel_on.cache_clear()
+    model, x, y = _bowl(3)
+    for dtype in (torch.float64, torch.float64, torch.float32):
+        with HostSyncs() as syncs:
+            tidim(model.to(dtype), x.to(dtype), y, 0.05, steps=3, kernel_size=5, sigma=1.0, resize_max=8)
+        assert syncs.total == 0, syncs.calls
+    assert built == [(5, 1.0), (5, 1.0)]  # float64, then float32
+    assert len(seen) == 9 and all(k is seen[0] for k in seen[:6]) and seen[6] is not seen[0]
+    assert seen[0].dtype == torch.float64 and seen[6].dtype == torch.float32
+    assert torch.equal(seen[6], real_kernel(5, 1.0))

@@ -192,6 +192,10 @@ def add_compile_backend_arg(p: Parser) -> None:
                         "generating code: quick to compile, for checking a run before a long one")
 
 
+TF32_HELP = ("TF32 for float32 matrix products on CUDA (cuDNN's convolutions use it by default already); "
+             "off by default: full fp32 products (docs/choices.md)")
+
+
 def add_speed_args(p: Parser) -> None:
     """The GPU fast path and multi-GPU options (README "Speed and scale")."""
     p.add_argument("--amp", action="store_true",
@@ -200,4 +204,5 @@ def add_speed_args(p: Parser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the target model")
     add_compile_backend_arg(p)
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="turn off cudnn.benchmark (on by default on CUDA)")
+    p.add_argument("--tf32", action="store_true", help=TF32_HELP)
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes under torchrun")

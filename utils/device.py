@@ -57,13 +57,23 @@ def set_rng_state(state: dict, generator: Optional[torch.Generator] = None) -> N
         generator.set_state(state["generator"])
 
 
-def prepare_device(name: str, batch_size: int, cudnn_benchmark: bool = True) -> torch.device:
+def set_tf32(enabled: bool) -> None:
+    """``--tf32``: whether float32 matrix products on CUDA may use TF32 (docs/choices.md "TF32").
+
+    cuDNN's convolutions are left as PyTorch has them (TF32 allowed). Only the precision API is
+    used: mixing it with the newer per-backend ``fp32_precision`` settings is an error in PyTorch."""
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+
+
+def prepare_device(name: str, batch_size: int, cudnn_benchmark: bool = True, tf32: bool = False) -> torch.device:
     """Join torchrun's process group if launched by it, pick this process's device (``--device``),
-    and set cudnn.benchmark (fixed input shapes: let cuDNN pick the fastest kernels)."""
+    and on CUDA set cudnn.benchmark (fixed input shapes: let cuDNN pick the fastest kernels) and
+    TF32 for matrix products (``set_tf32``; a CPU run keeps full fp32 products either way)."""
     ctx = distributed.init(name)
     device = distributed.device_for(resolve_device(name))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cudnn_benchmark
+        set_tf32(tf32)
     if ctx.enabled and batch_size % ctx.world_size:
         raise UserError(f"--batch-size {batch_size} is the global batch: it must divide evenly over "
                         f"{ctx.world_size} processes")

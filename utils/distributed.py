@@ -3,9 +3,10 @@
 ``torchrun --nproc_per_node N script.py ...`` sets WORLD_SIZE, RANK and LOCAL_RANK; without
 them everything here is a no-op and the scripts run as one process."""
 import gc
+import inspect
 import os
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -43,9 +44,14 @@ def init(device_flag: str) -> Context:
         return _CONTEXT
     if not dist.is_initialized():
         use_cuda = device_flag != "cpu" and torch.cuda.is_available()
+        options = {}
         if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            # Binds the group to this GPU: NCCL connects eagerly, and barriers need not guess the device.
+            if "device_id" in inspect.signature(dist.init_process_group).parameters:  # PyTorch ≥ 2.3
+                options["device_id"] = torch.device("cuda", local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", **options)
     _CONTEXT = Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return _CONTEXT
 
@@ -103,20 +109,24 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def gather_batch(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+def gather_batch(*tensors: torch.Tensor, rows: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, ...]:
     """Each tensor's rows from every process, concatenated in rank order: the global batch that
     one process would hold. The MI terms need it: their negatives, batch cosines and means over
     W range over the whole batch, not over one process's shard.
+
+    ``rows``: each process's row count, in rank order. By default every process holds as many
+    rows as this one, as in each batch of the training loader, which pads every process's share
+    of an epoch to the same length (``BatchLoader``). Known sizes keep the gather free of host
+    syncs: learning them from the other processes would read a tensor back every step.
 
     Every process then computes the same loss from the gathered rows; a gathered tensor that
     requires grad sends each process the gradient of its own rows, summed over processes, which
     DDP's averaging turns back into the one-process gradient. One process: returned unchanged."""
     if not _CONTEXT.enabled:
         return tensors
-    sizes = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
-    gathered = [torch.empty_like(sizes) for _ in range(_CONTEXT.world_size)]
-    dist.all_gather(gathered, sizes)
-    rows = [int(s) for s in torch.cat(gathered).tolist()]  # shards may differ by a row at an epoch's end
+    rows = [tensors[0].shape[0]] * _CONTEXT.world_size if rows is None else [int(n) for n in rows]
+    if len(rows) != _CONTEXT.world_size:
+        raise ValueError(f"gather_batch: {len(rows)} row counts for {_CONTEXT.world_size} processes")
     return tuple(_GatherRows.apply(t, rows) if t.requires_grad else _gather_rows(t, rows) for t in tensors)
 
 
@@ -125,10 +135,13 @@ def _gather_rows(tensor: torch.Tensor, rows: List[int]) -> torch.Tensor:
         raise ValueError(f"gather_batch: a tensor of {tensor.shape[0]} rows in a shard of {rows[_CONTEXT.rank]}")
     flag = tensor.dtype == torch.bool  # not every backend reduces or gathers bool
     t = tensor.to(torch.uint8) if flag else tensor
-    padded = t.new_zeros((max(rows), *t.shape[1:]))
-    padded[: t.shape[0]] = t
+    if t.shape[0] == max(rows):
+        padded = t.contiguous()
+    else:  # all_gather moves equal shapes: pad to the largest shard
+        padded = t.new_zeros((max(rows), *t.shape[1:]))
+        padded[: t.shape[0]] = t
     pieces = [torch.empty_like(padded) for _ in rows]
-    dist.all_gather(pieces, padded.contiguous())
+    dist.all_gather(pieces, padded)
     out = torch.cat([piece[:n] for piece, n in zip(pieces, rows)])
     return out.bool() if flag else out
 
@@ -148,17 +161,46 @@ class _GatherRows(torch.autograd.Function):
         return grad[start: start + ctx.rows[_CONTEXT.rank]], None
 
 
-def average_gradients(model: nn.Module) -> None:
-    """Average parameter gradients over processes, for modules trained without DDP's wrapper."""
+# DDP's default bucket size: few enough collectives, each large enough to run at full bandwidth.
+BUCKET_BYTES = 25 * 2**20
+
+
+def buckets(tensors: Sequence[torch.Tensor], limit: int = BUCKET_BYTES) -> List[List[torch.Tensor]]:
+    """``tensors`` in order, grouped into runs of one dtype and device of at most ``limit`` bytes
+    each (a larger tensor makes a bucket of its own)."""
+    groups: List[List[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        last = groups[-1][-1] if groups else None
+        if last is None or (t.dtype, t.device) != (last.dtype, last.device) or size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += nbytes
+    return groups
+
+
+def average_gradients(model: nn.Module, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Average parameter gradients over processes, for modules trained without DDP's wrapper.
+
+    One all_reduce per bucket of at most ``bucket_bytes`` (``buckets``), on a flat copy of its
+    gradients, rather than one per parameter: each collective has a fixed cost."""
     if not _CONTEXT.enabled:
         return
+    grads = []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if p.grad is None:  # every process must join every all_reduce, used or not
+        if p.grad is None:  # every process must reduce the same buckets, used or not
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad.div_(_CONTEXT.world_size)
+        grads.append(p.grad)
+    for bucket in buckets(grads, bucket_bytes):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(_CONTEXT.world_size)
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(part.view(g.shape))
 
 
 def barrier() -> None:

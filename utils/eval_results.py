@@ -75,7 +75,7 @@ def first_examples(split: Split, n: Optional[int]) -> Split:
 
 @dataclass
 class Outcome:
-    """What an adversarial batch did to one model, per example (CPU tensors).
+    """What an adversarial batch did to one model, per example (on the batch's device).
 
     ``distance`` is the Lp size of the perturbation, None for a Wasserstein budget (FWA),
     which is not checked here because the attack does not return its transport plan."""
@@ -93,9 +93,9 @@ class Outcome:
         """The registry's rule (``robust_mask``): misclassified, inside [0, 1] and inside ε."""
         return self.adv_wrong & self.in_box & self.in_ball(epsilon)
 
-    def outside(self, epsilon: float) -> int:
-        """Misclassified examples outside the box or budget: a bug for non-minimum-norm attacks."""
-        return int((self.adv_wrong & ~(self.in_box & self.in_ball(epsilon))).sum())
+    def outside(self, epsilon: float) -> torch.Tensor:
+        """Misclassified examples outside the box or budget (a mask): a bug for non-minimum-norm attacks."""
+        return self.adv_wrong & ~(self.in_box & self.in_ball(epsilon))
 
 
 def attack_outcome(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
@@ -105,7 +105,7 @@ def attack_outcome(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: to
         adv_wrong = unwrap(model)(x_adv).argmax(dim=1) != y
     in_box = ((x_adv >= -BUDGET_TOL) & (x_adv <= 1 + BUDGET_TOL)).flatten(1).all(dim=1)
     distance = None if attack.budget == "wasserstein" else lp_norm(x_adv - x, attack.norm)
-    return Outcome(adv_wrong.cpu(), in_box.cpu(), None if distance is None else distance.cpu())
+    return Outcome(adv_wrong, in_box, distance)
 
 
 def accuracy(mask: torch.Tensor) -> float:

@@ -46,14 +46,15 @@ class Evaluation:
                  surrogate: Optional[nn.Module] = None, seed: int = 0, progress: bool = True,
                  report: Optional[Report] = None):
         self.targets = targets
-        self.split = split
-        self.batch_size = batch_size
         self.device = torch.device(device)
+        self.split = split.to(self.device)  # once: every pass then batches it on the device
+        self.batch_size = batch_size
         self.surrogate = surrogate
         self.seed = seed
         self.progress = progress
         self.report = report if report is not None else Report()
         self.results: Dict[str, ModelResult] = {}
+        self._clean: Dict[str, torch.Tensor] = {}  # each target's clean mask, on the device
 
     @property
     def transfer(self) -> bool:
@@ -92,9 +93,9 @@ class Evaluation:
             parts = []
             for x, y, _ in self._batches(f"{name}: clean"):
                 with torch.no_grad():
-                    parts.append((model(x).argmax(dim=1) == y).cpu())
-            _sync(self.device)
-            self.results[name] = ModelResult(name, torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool))
+                    parts.append(model(x).argmax(dim=1) == y)
+            self._clean[name] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=self.device)
+            self.results[name] = ModelResult(name, self._clean[name].cpu())  # the copy waits for the device
             self.results[name].seconds["clean"] = time.perf_counter() - began
         return self.results
 
@@ -103,32 +104,27 @@ class Evaluation:
         """Masks per target and ε for one run of ``attack`` (several ε only for a minimum-norm attack)."""
         seed_everything(self.seed)  # every attack sees the same random stream, whatever ran before it
         masks = {n: {e: [] for e in epsilons} for n in names}
-        outside = {n: 0 for n in names}
+        outside = {n: torch.zeros((), dtype=torch.long, device=self.device) for n in names}
         craft, own = 0.0, {n: 0.0 for n in names}
         with forward_warnings(self.report, f"{attack.name} ({desc}): "):
             for x, y, part in self._batches(f"{desc}: {attack.name}"):
-                # White-box: an example the target already misclassifies counts as broken whatever the
-                # attack does, so only the correct ones are attacked (AutoAttack does the same).
-                keep = None if self.transfer else self.results[names[0]].clean[part]
-                if keep is not None and not keep.all():
-                    on = keep.to(x.device)
-                    x, y = x[on], y[on]
+                # Whole batches, every one of the same size (cuDNN and torch.compile meet one shape):
+                # an example the target already misclassifies counts as broken whatever the attack did.
                 began = time.perf_counter()
-                x_adv = attack(source, x, y) if len(y) else x
+                x_adv = attack(source, x, y)
                 _sync(self.device)
                 craft += time.perf_counter() - began
                 for n in names:
                     began = time.perf_counter()
                     outcome = attack_outcome(self.targets[n], x, y, x_adv, attack)
-                    clean = self.results[n].clean[part]
+                    clean = self._clean[n][part]
                     for e in epsilons:
-                        robust = ~outcome.broken(e)
-                        if keep is not None:
-                            robust = torch.zeros_like(keep).masked_scatter(keep, robust)
-                        masks[n][e].append(clean & robust)
+                        masks[n][e].append(clean & ~outcome.broken(e))
                     if not attack.minimum_norm:
-                        outside[n] += outcome.outside(attack.epsilon)
+                        outside[n] += outcome.outside(attack.epsilon).sum()
+                    _sync(self.device)
                     own[n] += time.perf_counter() - began
+        outside = {n: int(count) for n, count in outside.items()}  # once per attack, not per batch
         for n in names:
             if outside[n]:
                 self.report.warn(f"{n}: {attack.name}: {outside[n]} misclassified example(s) outside [0, 1] or "
@@ -138,7 +134,7 @@ class Evaluation:
             if message:
                 self.report.warn(f"{label}: after {attack.name}: {message}")
                 model.eval()
-        joined = {n: {e: torch.cat(m) if m else torch.zeros(0, dtype=torch.bool) for e, m in by_eps.items()}
+        joined = {n: {e: torch.cat(m).cpu() if m else torch.zeros(0, dtype=torch.bool) for e, m in by_eps.items()}
                   for n, by_eps in masks.items()}
         # A transferred attack's crafting is shared: each target is charged all of it plus its own evaluation.
         return joined, {n: craft + own[n] for n in names}

@@ -117,7 +117,7 @@ def evaluate(model: nn.Module, loader, epsilon: float, step_size: float, num_ste
              progress: bool = True, desc: str = "eval", fast: FastPath = FastPath()) -> Dict[str, float]:
     """Clean and PGD accuracy (%) in eval mode, summed over all processes under torchrun."""
     net = unwrap(model)  # no DDP collectives per batch: each process evaluates its own shard
-    counts = None
+    hits, total = None, 0
     with eval_mode(net):
         for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
             x = fast.batch(x)
@@ -127,11 +127,12 @@ def evaluate(model: nn.Module, loader, epsilon: float, step_size: float, num_ste
                 x_adv = pgd(net, x, y, epsilon, step_size, num_steps, norm)
                 with torch.no_grad():
                     robust = (net(x_adv).argmax(dim=1) == y).sum()
-            batch = torch.stack([clean, robust, torch.tensor(y.shape[0], device=y.device)]).double()
-            counts = batch if counts is None else counts + batch
-    if counts is None:  # an empty shard still joins the reduction
-        counts = torch.zeros(3, dtype=torch.float64)
-    distributed.all_reduce_sum(counts)
+            batch = torch.stack([clean, robust]).double()
+            hits = batch if hits is None else hits + batch
+            total += y.shape[0]  # known on the host: a tensor of it per batch would be a copy to the device
+    if hits is None:  # an empty shard still joins the reduction
+        hits = torch.zeros(2, dtype=torch.float64)
+    counts = distributed.all_reduce_sum(torch.cat([hits, hits.new_tensor([total])]))
     clean_acc, pgd_acc = (100.0 * counts[:2] / counts[2].clamp_min(1)).tolist()
     return {"clean_acc": clean_acc, "pgd_acc": pgd_acc}
 

@@ -11,7 +11,7 @@ a_n(v) = −Î_n(x, h(v)) and a_a(v) = −Î_a(n, h(v)); "v|S" is the batch vect
 No function divides by an empty set or returns NaN; an empty set gives a zero that is still
 attached to the inputs' graph, so ``loss.backward()`` always works.
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -117,43 +117,42 @@ class MITable:
     """Accumulates the Fig. 4 table over batches: mean natural / adversarial MI of x and x̃ on R and W.
 
     Sums and counts are kept separately, so the result over several batches equals the result
-    on their concatenation. An empty set's means are NaN (there is nothing to average)."""
+    on their concatenation. They stay on the device as one float64 vector, read back once by
+    ``result``: no host sync per batch. An empty set's means are NaN (there is nothing to average)."""
+
+    KEYS = tuple(f"{name}_{split}" for name in _MI_NAMES for split in ("right", "wrong"))
 
     def __init__(self):
-        self.sums = {f"{name}_{split}": 0.0 for name in _MI_NAMES for split in ("right", "wrong")}
-        self.n_right = 0
-        self.n_wrong = 0
+        self.totals: Optional[Tensor] = None  # the sums in KEYS' order, then |R| and |W|
 
     @torch.no_grad()
     def update(
         self, mi_n_nat: Tensor, mi_n_adv: Tensor, mi_a_nat: Tensor, mi_a_adv: Tensor, sel: Selection
     ) -> "MITable":
-        for name, values in zip(_MI_NAMES, (mi_n_nat, mi_n_adv, mi_a_nat, mi_a_adv)):
-            for split, mask in (("right", sel.right), ("wrong", sel.wrong)):
-                self.sums[f"{name}_{split}"] += float(restrict(values.double(), mask).sum())
-        self.n_right += int(sel.right.sum())
-        self.n_wrong += int(sel.wrong.sum())
+        values = torch.stack([mi_n_nat, mi_n_adv, mi_a_nat, mi_a_adv]).double()[:, None, :]
+        masks = torch.stack([sel.right, sel.wrong])[None]
+        sums = restrict(values, masks).sum(dim=-1)  # (4, 2): each MI term on R and on W
+        batch = torch.cat([sums.flatten(), masks[0].sum(dim=-1).double()])
+        self.totals = batch if self.totals is None else self.totals + batch
         return self
 
     def all_reduce(self, device) -> "MITable":
         """Sum the table over all processes under torchrun (a no-op in a single process)."""
-        keys = list(self.sums)
-        packed = torch.tensor([self.sums[k] for k in keys] + [self.n_right, self.n_wrong], dtype=torch.float64,
-                              device=device)
-        distributed.all_reduce_sum(packed)
-        values = packed.tolist()
-        self.sums = dict(zip(keys, values[:-2]))
-        self.n_right, self.n_wrong = int(values[-2]), int(values[-1])
+        if self.totals is None:  # an empty shard still joins the reduction
+            self.totals = torch.zeros(len(self.KEYS) + 2, dtype=torch.float64, device=device)
+        distributed.all_reduce_sum(self.totals)
         return self
 
     def result(self) -> Dict[str, float]:
-        counts = {"right": self.n_right, "wrong": self.n_wrong}
+        totals = [0.0] * (len(self.KEYS) + 2) if self.totals is None else self.totals.tolist()
+        n_right, n_wrong = int(totals[-2]), int(totals[-1])
+        counts = {"right": n_right, "wrong": n_wrong}
         out = {}
-        for key, total in self.sums.items():
+        for key, total in zip(self.KEYS, totals):
             count = counts[key.rsplit("_", 1)[1]]
             out[key] = total / count if count else float("nan")
-        out["n_right"] = self.n_right
-        out["n_wrong"] = self.n_wrong
+        out["n_right"] = n_right
+        out["n_wrong"] = n_wrong
         return out
 
 

@@ -27,7 +27,7 @@ from utils.script import NOTHING_TO_RESUME, UserError
 # Flags that do not change what a run computes (or say how long it runs): --resume may change them.
 RESUME_MAY_CHANGE = frozenset({"epochs", "resume", "overwrite", "no_progress", "device", "model_dir", "data_dir",
                                "save_freq", "workers", "amp", "channels_last", "compile", "compile_backend",
-                               "no_cudnn_benchmark", "balance_limit"})
+                               "no_cudnn_benchmark", "tf32", "balance_limit"})
 
 
 def flags_of(args) -> dict:

@@ -31,7 +31,7 @@ def setup(args) -> Setup:
     its shard of every batch and of the evaluation split. ``args.val_size`` becomes the number of
     held-out images, which config.json then records."""
     writable_dir(args.model_dir, "--model-dir")  # before loading anything
-    device = prepare_device(args.device, args.batch_size, cudnn_benchmark=not args.no_cudnn_benchmark)
+    device = prepare_device(args.device, args.batch_size, cudnn_benchmark=not args.no_cudnn_benchmark, tf32=args.tf32)
     seed_everything(args.seed)
     splits, info = load_splits(args.dataset, args.data_dir, train_limit=args.train_limit,
                                test_limit=args.test_limit, val_size=args.val_size, seed=args.seed)

@@ -94,10 +94,11 @@ def project_plan(
     projection of v − λC, whose cost φ(λ) is piecewise linear and non-increasing. The root
     of φ(λ) = budget is found by Newton steps (slope −Σ_rows |S|·Var_S(C) over each row's
     support S), safeguarded by bisection inside a bracket that starts at a λ where all mass
-    stays home; within the right linear piece a Newton step is exact. ``dual_iters`` bounds
-    the steps (about 8 suffice in practice); samples stop once they meet the budget to 1e-6
-    relative. A sample still over budget after ``dual_iters`` steps gets a feasible
-    (no longer exact) mix of its iterate and the bracket's feasible end."""
+    stays home; within the right linear piece a Newton step is exact. ``dual_iters`` steps
+    run (about 8 suffice in practice; stopping early would wait for the device to say so); a
+    sample stops moving once it meets the budget to 1e-6 relative. A sample still over budget
+    after ``dual_iters`` steps gets a feasible (no longer exact) mix of its iterate and the
+    bracket's feasible end."""
     n = v.shape[0]
     h, w = v.shape[-2:]
     flat = (-1, 1, 1, 1, 1)
@@ -120,8 +121,8 @@ def project_plan(
 
     lam = torch.zeros(n, device=v.device, dtype=v.dtype)
     plan, spent = solve(lam)
-    if not (spent > budget).any():
-        return plan.movedim(-1, 2)
+    # No early exits below: asking whether every sample is done would wait for the device at each
+    # step. A sample that is done keeps its λ, plan and cost, so running on changes no result.
     tol = 1e-6 * budget + 1e-12
     # Above this λ every row keeps all its mass at the zero offset (the cheapest move costs 1).
     home = rows[..., (kernel_size // 2) * kernel_size + kernel_size // 2]
@@ -131,8 +132,6 @@ def project_plan(
     for _ in range(dual_iters):
         # Two-sided: a root met up to rounding must not send the bracket logic astray.
         done = (spent <= budget + tol) & ((lam == 0) | (spent >= budget - tol))
-        if done.all():
-            break
         over = spent > budget
         lo, hi = torch.where(over, lam, lo), torch.where(over, hi, lam)
         d = slope(plan)
@@ -143,12 +142,11 @@ def project_plan(
         new_plan, new_spent = solve(lam)
         plan = torch.where(done.view(flat), plan, new_plan)
         spent = torch.where(done, spent, new_spent)
+    # Out of steps: mix with the bracket's feasible end so that the cost is the budget.
     over = spent > budget + tol
-    if over.any():
-        # Out of steps: mix with the bracket's feasible end so that the cost is the budget.
-        plan_hi, spent_hi = solve(torch.where(over, hi, lam))
-        theta = ((budget - spent_hi) / (spent - spent_hi).clamp_min(1e-30)).clamp(0, 1).view(flat)
-        plan = torch.where(over.view(flat), theta * plan + (1 - theta) * plan_hi, plan)
+    plan_hi, spent_hi = solve(torch.where(over, hi, lam))
+    theta = ((budget - spent_hi) / (spent - spent_hi).clamp_min(1e-30)).clamp(0, 1).view(flat)
+    plan = torch.where(over.view(flat), theta * plan + (1 - theta) * plan_hi, plan)
     return plan.movedim(-1, 2)
 
 
@@ -181,9 +179,7 @@ def linear_oracle(
 
     zero = torch.zeros(n, device=grad.device, dtype=grad.dtype)
     plan, spent = vertex(zero)
-    active = spent > budget
-    if not active.any():
-        return plan.movedim(-1, 2)
+    active = spent > budget  # the others keep the unconstrained vertex (no early exit: a host sync)
     home = rows[..., (kernel_size // 2) * kernel_size + kernel_size // 2]
     spread = (rows.masked_fill(~valid, -torch.inf).amax(dim=-1) - home).flatten(1).amax(dim=1)
     # The margin keeps the home offset a strict winner at hi despite rounding.

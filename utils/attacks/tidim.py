@@ -3,6 +3,7 @@ CVPR 2018) and TI-DIM, which adds diverse inputs (Xie et al., "Improving Transfe
 Adversarial Examples with Input Diversity", CVPR 2019) and translation-invariant gradient
 smoothing (Dong et al., "Evading Defenses to Transferable Adversarial Examples by
 Translation-Invariant Attacks", CVPR 2019). One loop serves both; L∞ only."""
+import functools
 from typing import Optional
 
 import torch
@@ -21,6 +22,12 @@ def gaussian_kernel(size: int = 15, sigma: float = 3.0) -> torch.Tensor:
     g = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = g[:, None] * g[None, :]
     return (kernel / kernel.sum()).float()
+
+
+@functools.lru_cache(maxsize=16)
+def _kernel_on(size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``gaussian_kernel`` made once per device and dtype (read only): not copied to the device at every step."""
+    return gaussian_kernel(size, sigma).to(device=device, dtype=dtype)
 
 
 def smooth_gradient(grad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -121,7 +128,7 @@ def tidim(
     ``kernel_size=1`` switches TI off."""
     if resize_max is None:
         resize_max = round(1.1 * x.shape[-2])
-    kernel = gaussian_kernel(kernel_size, sigma) if kernel_size > 1 else None
+    kernel = _kernel_on(kernel_size, float(sigma), x.device, x.dtype) if kernel_size > 1 else None
     return _momentum_loop(model, x, y, epsilon, step_size, steps, decay, kernel, resize_max,
                           diversity_prob, generator)
 
