@@ -24,7 +24,7 @@ from utils.checkpoint import atomic_write_text, load_checkpoint, metrics_records
 from utils.cli import Parser
 from utils.dataset_files import DEBIAN_FASHION_DIR, find_idx_dir
 from utils.report import GROUP_SUFFIX, merge_results, results_markdown, write_report
-from utils.script import UserError, run_main
+from utils.script import Collapsed, UserError, run_main
 
 METHODS = ("namid", "namid-t", "namid-m", "wmim")
 
@@ -163,7 +163,10 @@ class Pipeline:
         if self.args.dry_run:
             return
         began = time.time()
-        module.main(argv)
+        try:
+            module.main(argv)
+        except Collapsed as err:
+            raise Collapsed(f"{label} ({name}, {model_dir}): {err}") from None
         self.note(label, name, argv, f"{'resumed' if state == 'resume' else 'ran'}, {time.time() - began:.0f} s")
 
     def note(self, label: str, script: str, argv: List[str], what: str) -> None:

@@ -5,13 +5,9 @@ NAMID-T (trades) or NAMID-M (mart); ``--no-adv-mi``, ``--no-nat-mi`` and ``--lam
 ablations of Fig. 5; ``--method wmim`` is the WMIM baseline. Writes target_model.pth,
 last.pth, config.json, metrics.jsonl and curves.png to --model-dir."""
 
-import sys
-
-from tqdm import tqdm
-
-from utils import distributed
 from utils.attacks.base import bare_module
 from utils.attacks.pgd import pgd
+from utils.balance import BALANCE_LIMIT, BalanceMonitor
 from utils.cli import (
     Parser,
     add_attack_args,
@@ -37,7 +33,7 @@ from utils.estimators import (
     load_standard_estimator,
 )
 from utils.loop import fit_target
-from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS, BALANCE_LIMIT
+from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS
 from utils.namid import freeze, namid_objective, wmim_objective
 from utils.release_compat import add_release_args, finish_release_args
 from utils.run import Run
@@ -76,8 +72,16 @@ def build_parser() -> Parser:
     add_run_args(p, model_dir="checkpoints/namid")
     p.add_argument("--select-by", default="mean_acc", choices=("pgd_acc", "mean_acc"),
                    help="metric that picks target_model.pth: (clean + PGD)/2 as the release, or PGD accuracy")
+    p.add_argument("--balance-batches", type=int, default=8,
+                   help="batches per adversarial epoch on which ‖∇θ α·L_mi‖ / ‖∇θ L_adv‖ and the gradients' cosine "
+                        "are measured, spread over the epoch (0: none)")
     p.add_argument("--balance-limit", type=number, default=BALANCE_LIMIT,
-                   help="warn when ‖∇θ α·L_mi‖ / ‖∇θ L_adv‖ on an epoch's first adversarial batch exceeds this")
+                   help="warn when an epoch's median ‖∇θ α·L_mi‖ / ‖∇θ L_adv‖ exceeds this (README: the α balance)")
+    p.add_argument("--mi-grad-clip", type=number, default=None, metavar="RHO",
+                   help="scale the MI gradient to at most RHO·‖∇θ L_adv‖ on every step (MINE's adaptive gradient "
+                        "clipping; not in the paper or the release; default: off)")
+    p.add_argument("--no-collapse-guard", action="store_true",
+                   help="train on when the held-out clean accuracy falls to chance in an adversarial epoch")
     return p
 
 
@@ -90,7 +94,9 @@ def parse_args(argv=None):
     finish_release_args(args)
     check_positive(p, args, "epochs", "batch_size", "lr", "lr_gamma")
     check_non_negative(p, args, "alpha", "lam", "beta", "momentum", "weight_decay", "warm_up_epochs",
-                       "epsilon_ramp_epochs", "save_freq", "val_size", "balance_limit")
+                       "epsilon_ramp_epochs", "save_freq", "val_size", "balance_limit",
+                       "balance_batches")
+    check_positive(p, args, "mi_grad_clip")
     warn_without_adversarial_epoch(args)
     if args.no_adv_mi and args.no_nat_mi:
         p.error("--no-adv-mi and --no-nat-mi together leave no MI term; train with train_standard.py instead")
@@ -151,30 +157,23 @@ def main(argv=None):
         objective, nets, kwargs = wmim_objective, (standard,), wmim_kwargs(args)
     else:
         objective, nets, kwargs = namid_objective, (est_n, est_a), namid_kwargs(args)
-    # The gradient balance is measured on the first adversarial batch of each epoch.
-    balance = {"pending": False}
+    advice = f"lower --alpha (now {args.alpha:g})" + ("" if args.mi_grad_clip else " or cap the MI gradient with "
+                                                       "--mi-grad-clip 1")
+    balance = BalanceMonitor(args.balance_batches, args.balance_limit, args.mi_grad_clip,
+                             guard=not args.no_collapse_guard, num_classes=s.info.num_classes, advice=advice)
 
     def adversarial_step(x, y, eps, step_size):
         x_adv = pgd(model, x, y, eps, step_size, args.num_steps, args.distance, attack_loss, start)
-        measure, balance["pending"] = balance["pending"], False
-        loss, logits_adv, extra = objective(model, *nets, x, x_adv, y, **kwargs, measure_grads=measure)
-        if measure:
-            warn_if_unbalanced(extra, args.alpha, args.balance_limit)
-        return loss, logits_adv, extra
+        measure = balance.measure_next()
+        loss, logits_adv, extra = objective(model, *nets, x, x_adv, y, **kwargs, measure_grads=measure,
+                                            mi_grad_clip=args.mi_grad_clip)
+        return loss, logits_adv, balance.record(extra) if measure else extra
 
     first_epoch = run.start()  # 1, or the epoch after last.pth's with --resume
+    balance.resume_from(run.records())
     fit_target(run, first_epoch, model, s.train_loader, s.eval_loader, adversarial_step, "target_model.pth", args,
-               on_epoch=lambda epoch: balance.update(pending=True))
-
-
-def warn_if_unbalanced(extra, alpha: float, limit: float = BALANCE_LIMIT) -> None:
-    """One line when α·L_mi's gradient dwarfs L_adv's: the run is then mostly training the MI loss."""
-    ratio = float(extra["grad_ratio"])
-    if ratio > limit and distributed.context().is_main:
-        tqdm.write(f"warning: ‖∇θ α·L_mi‖ is {ratio:.3g}× ‖∇θ L_adv‖ (above --balance-limit {limit:g}) on this "
-                   "epoch's first adversarial batch: the MI loss dominates; consider a smaller --alpha "
-                   f"(now {alpha:g})",
-                   file=sys.stderr)
+               on_epoch=lambda epoch: balance.start_epoch(len(s.train_loader)),
+               after_training=balance.end_training, after_evaluation=balance.end_evaluation)
 
 
 if __name__ == "__main__":

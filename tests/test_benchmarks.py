@@ -141,3 +141,16 @@ def test_options_mode_times_ours_against_the_baseline(tmp_path, capsys):
     assert nhwc["x_baseline"] == nhwc["images_per_s"] / base["images_per_s"]
     assert "fast path: channels_last" in nhwc["notes"] and "fast path" not in base["notes"]
     assert "× baseline" in capsys.readouterr().out
+
+
+def test_balance_cost_prints_and_writes_its_figures(tmp_path, capsys):
+    from benchmarks import balance_cost
+
+    out = tmp_path / "cost.json"
+    figures = balance_cost.main(["--batch-size", "4", "--pgd-steps", "1", "--va-hsize", "8", "--repeats", "1",
+                                 "--steps", "1", "--epoch-batches", "10", "--balance-batches", "2",
+                                 "--out", str(out)])
+    assert set(figures["step_seconds"]) == {"plain", "measured", "capped"}
+    assert all(v > 0 for v in figures["step_seconds"].values())
+    assert json.loads(out.read_text())["cap_overhead"] == figures["cap_overhead"]
+    assert "of an epoch" in capsys.readouterr().out

@@ -202,8 +202,9 @@ def test_torchrun_stage2_and_stage3(tmp_path, script, extra):
     record = json.loads(lines[0])
     assert 0 <= record["clean_acc"] <= 100
     if script != "train_MI_estimator.py":
-        # The gradient balance of the first adversarial batch, measured through DDP.
-        assert record["grad_adv"] > 0 and record["grad_mi"] >= 0
+        # The gradient balance, measured through DDP on the batches with a non-empty W.
+        assert record["balance_batches"] >= 0
+        assert record["grad_adv"] > 0 if record["balance_batches"] else record["grad_adv"] is None
         return
     import train_MI_estimator
 

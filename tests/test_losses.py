@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from utils.losses import adversarial_loss, mart_loss, trades_loss
 
@@ -89,39 +88,3 @@ def test_gradients_flow_to_both_logits():
         nat.grad = adv.grad = None
         adversarial_loss(kind, adv, Y, nat, 6.0).backward()
         assert nat.grad.abs().sum() > 0 and adv.grad.abs().sum() > 0
-
-
-def test_grad_balance_matches_separate_backward_passes():
-    from utils.losses import grad_balance
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
-    frozen = torch.nn.Linear(3, 2).requires_grad_(False)  # like the estimators: no part of θ
-    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
-
-    def losses():
-        logits = model(x)
-        return F.cross_entropy(logits, y), 3.0 * frozen(logits).square().mean()
-
-    def direct(which):
-        model.zero_grad()
-        losses()[which].backward()
-        return torch.sqrt(sum(p.grad.square().sum() for p in model.parameters()))
-
-    l_adv, weighted_mi = losses()
-    got = grad_balance(model, l_adv, weighted_mi)
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.parameters())  # .grad untouched
-    (l_adv + weighted_mi).backward()  # the graph is still there for the training step
-    expected_adv, expected_mi = direct(0), direct(1)
-    assert torch.allclose(got["grad_adv"], expected_adv, rtol=1e-5)
-    assert torch.allclose(got["grad_mi"], expected_mi, rtol=1e-5)
-    assert torch.allclose(got["grad_ratio"], expected_mi / expected_adv, rtol=1e-5)
-
-
-def test_grad_balance_of_a_term_without_theta_is_zero():
-    from utils.losses import grad_balance
-
-    model = torch.nn.Linear(3, 2)
-    l_adv = model(torch.randn(4, 3)).sum()
-    got = grad_balance(model, l_adv, torch.zeros(()))  # an empty W: L_mi is a constant
-    assert got["grad_mi"] == 0 and got["grad_adv"] > 0 and got["grad_ratio"] == 0

@@ -259,3 +259,23 @@ def test_release_preset_runs_the_release_settings_and_quirks(tmp_path, capsys):
 def test_release_preset_refuses_what_the_release_never_ran(flags, tmp_path, capsys):
     assert_user_error(run_script(capsys, "run_pipeline", ["--preset", "release", "--out-dir", tmp_path,
                                                           "--dry-run", *flags]), "--preset release")
+
+
+def test_a_stage_stopped_by_its_collapse_guard_is_named(tmp_path, capsys, monkeypatch):
+    import utils.loop
+
+    real = utils.loop.evaluate
+    calls = []
+
+    def falls_in_stage_3(model, *a, **k):
+        calls.append(model)
+        stats = real(model, *a, **k)
+        return {**stats, "clean_acc": 50.0 if len(calls) <= 2 else 5.0}  # stage 1's epoch, stage 3's first two
+
+    monkeypatch.setattr(utils.loop, "evaluate", falls_in_stage_3)
+    argv = [*TINY, "--out-dir", tmp_path, "--stage3-args", "--epochs 2"]
+    code, _, err = run_script(capsys, "run_pipeline", argv)
+    lines = err.strip().splitlines()
+    assert code == 3 and "Traceback" not in err
+    assert lines[-1].startswith("run_pipeline.py: stopped: NAMID (train_MIAT.py, ")
+    assert "epoch 2: held-out clean accuracy fell to 5.00 %" in lines[-1]

@@ -165,17 +165,22 @@ def json_safe(metrics: Dict[str, object]) -> Dict[str, object]:
 
 
 StepsFor = Callable[[int], Tuple[StepFn, Dict[str, float]]]
+# Called with (epoch, the epoch's metrics so far); may add metrics, or raise to stop the run
+# before the epoch is saved.
+EpochHook = Callable[[int, Dict[str, object]], None]
 
 
 def fit(run: Run, first_epoch: int, trained: nn.Module, train_loader, steps_for: StepsFor,
         evaluate_epoch: Callable[[], Dict[str, float]], best: Dict[str, nn.Module], *, fast: FastPath = FastPath(),
         progress: bool = True, on_epoch: Optional[Callable[[int], None]] = None,
+        after_training: Optional[EpochHook] = None, after_evaluation: Optional[EpochHook] = None,
         show: Callable[[dict], None] = lambda record: print(format_metrics(record), flush=True)) -> None:
     """The one epoch loop of stages 1–3, from ``first_epoch`` (``run.start()``) to ``run.epochs``.
 
     Each epoch: ``on_epoch(epoch)``; one pass of ``steps_for(epoch)``'s step over the training
     data with ``trained`` in train mode (the step's second value, e.g. the epoch's ε, goes into
-    the record); the scheduler's step; ``evaluate_epoch()``; ``run.end_epoch`` (best files,
+    the record); ``after_training(epoch, stats)``; the scheduler's step; ``evaluate_epoch()``;
+    ``after_evaluation(epoch, stats)``; ``run.end_epoch`` (best files,
     metrics line, last.pth); ``show(record)`` in the first process. Ctrl-C becomes
     ``Interrupted`` with the advice that fits what the run kept."""
     main = distributed.context().is_main
@@ -186,14 +191,18 @@ def fit(run: Run, first_epoch: int, trained: nn.Module, train_loader, steps_for:
                 on_epoch(epoch)
             step, fields = steps_for(epoch)
             lr = run.optimizer.param_groups[0]["lr"]
-            stats = train_epoch(trained, train_loader, step, run.optimizer, f"epoch {epoch}/{run.epochs}",
-                                progress and main, fast)
+            stats = {**fields, **train_epoch(trained, train_loader, step, run.optimizer,
+                                             f"epoch {epoch}/{run.epochs}", progress and main, fast)}
             # train_epoch reads its metrics back from the device, so the clock has waited for the GPU
             stats["train_seconds"] = time.time() - began
+            if after_training is not None:
+                after_training(epoch, stats)
             check_finite(stats, epoch)
             run.scheduler.step()
             stats.update(evaluate_epoch())
-            record = run.end_epoch(epoch, json_safe({"lr": lr, **fields, **stats, "seconds": time.time() - began}),
+            if after_evaluation is not None:
+                after_evaluation(epoch, stats)
+            record = run.end_epoch(epoch, json_safe({"lr": lr, **stats, "seconds": time.time() - began}),
                                    best=best)
             if main:
                 show(record)
@@ -217,7 +226,8 @@ def target_steps(model: nn.Module, adversarial_step: Callable, epsilon: float, s
 
 
 def fit_target(run: Run, first_epoch: int, model: nn.Module, train_loader, eval_loader, adversarial_step: Callable,
-               best_file: str, args, on_epoch: Optional[Callable[[int], None]] = None) -> None:
+               best_file: str, args, on_epoch: Optional[Callable[[int], None]] = None,
+               after_training: Optional[EpochHook] = None, after_evaluation: Optional[EpochHook] = None) -> None:
     """``fit`` for stages 1 and 3: warm-up and ε ramp from the flags, and each epoch's clean and PGD
     accuracy (and their mean) on the evaluation split."""
     fast, progress = FastPath.from_args(args), not args.no_progress
@@ -230,4 +240,5 @@ def fit_target(run: Run, first_epoch: int, model: nn.Module, train_loader, eval_
     fit(run, first_epoch, model, train_loader,
         target_steps(model, adversarial_step, args.epsilon, args.step_size, args.warm_up_epochs,
                      args.epsilon_ramp_epochs),
-        evaluate_epoch, {best_file: model}, fast=fast, progress=progress, on_epoch=on_epoch)
+        evaluate_epoch, {best_file: model}, fast=fast, progress=progress, on_epoch=on_epoch,
+        after_training=after_training, after_evaluation=after_evaluation)

@@ -2,10 +2,9 @@
 
 Each loss is a function of logits that the caller has already computed, so a training
 step runs the model once per input and reuses the logits for accuracy and MI terms."""
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 ADV_LOSSES = ("ce", "trades", "mart")
@@ -59,26 +58,3 @@ def adversarial_loss(
 
 def needs_natural_logits(kind: str) -> bool:
     return kind != "ce"
-
-
-# ‖∇θ α·L_mi‖ / ‖∇θ L_adv‖ above this: the MI loss dominates the step (PAPER.md §10 "The α balance").
-BALANCE_LIMIT = 10.0
-
-
-def grad_balance(model: nn.Module, l_adv: torch.Tensor, weighted_mi: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """‖∇θ L_adv‖ and ‖∇θ α·L_mi‖ over the model's trainable parameters, and their ratio.
-
-    Two gradient computations on the graph the training step backpropagates afterwards
-    (retained, not rebuilt; no parameter's ``.grad`` is touched). A term that does not
-    depend on θ (an empty W) has norm 0."""
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def norm(loss: torch.Tensor) -> torch.Tensor:
-        if not loss.requires_grad:
-            return torch.zeros((), device=loss.device)
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads
-                                                     if g is not None] or [loss.new_zeros(())]))
-
-    g_adv, g_mi = norm(l_adv), norm(weighted_mi)
-    return {"grad_adv": g_adv, "grad_mi": g_mi, "grad_ratio": g_mi / g_adv.clamp_min(1e-12)}

@@ -14,9 +14,10 @@ import torch.nn as nn
 
 from models.estimator import MIEstimator
 from utils import distributed
+from utils.balance import grad_balance
 from utils.checkpoint import run_config
 from utils.estimators import build_one_estimator, load_estimators, target_outputs
-from utils.losses import adversarial_loss, grad_balance
+from utils.losses import adversarial_loss
 from utils.mi import mi_per_sample
 from utils.mi_objectives import if_nonempty, restrict, safe_cosine, set_size
 from utils.patterns import masked_mean, select_samples, split_patterns
@@ -66,16 +67,18 @@ def namid_loss(
 def namid_objective(model: nn.Module, est_n: MIEstimator, est_a: MIEstimator, x: Tensor, x_adv: Tensor, y: Tensor,
                     *, alpha: float = 5.0, lam: float = 0.1, adv_loss: str = "ce", beta: float = 6.0,
                     mode: str = "dv", layer: Optional[str] = None, use_nat: bool = True, use_adv: bool = True,
-                    release_loss: bool = False, quirks: Quirks = NONE,
-                    measure_grads: bool = False) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+                    release_loss: bool = False, quirks: Quirks = NONE, measure_grads: bool = False,
+                    mi_grad_clip: Optional[float] = None) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
     """L_all = L_adv + α·L_mi (Eq. 9) for one batch, with the model in train mode.
 
     One forward of x and one of x̃ serve L_adv (``adv_loss``: ce for NAMID, trades for NAMID-T,
     mart for NAMID-M), the selection of W and all four MI terms; the frozen local nets see x
     and n = x̃ − x once each, without gradient, so θ is trained through the global nets only.
     ``layer``: the target layer the global nets read (None: the logits). ``quirks`` switches
-    on the release's numerics (PAPER.md §10). ``measure_grads`` adds ‖∇θ L_adv‖ and
-    ‖∇θ α·L_mi‖ to the scalars (``grad_balance``). Returns (L_all, logits of x̃, scalars)."""
+    on the release's numerics (PAPER.md §10). ``measure_grads`` adds ‖∇θ L_adv‖,
+    ‖∇θ α·L_mi‖, their ratio and cosine to the scalars; ``mi_grad_clip`` ρ scales the MI
+    gradient to at most ρ·‖∇θ L_adv‖ (``utils.balance.grad_balance``; off: the paper's
+    objective). Returns (L_all, logits of x̃, scalars)."""
     replay = BatchNormReplay(model) if quirks.passes else None
     logits_nat, g_nat = target_outputs(model, x, layer)
     logits_adv, g_adv = target_outputs(model, x_adv, layer)
@@ -105,15 +108,16 @@ def namid_objective(model: nn.Module, est_n: MIEstimator, est_a: MIEstimator, x:
     if replay is not None:
         replay.run(release_stage3_passes(x, x_adv, bool(wrong.any())))
     extra = {"l_adv": l_adv.detach(), "l_mi": l_mi.detach(), **terms, "w_size": wrong.sum().float()}
-    if measure_grads:
-        extra.update(grad_balance(model, l_adv, alpha * l_mi))
-    return l_adv + alpha * l_mi, logits_adv, extra
+    if not measure_grads and mi_grad_clip is None:
+        return l_adv + alpha * l_mi, logits_adv, extra
+    loss, balance = grad_balance(model, l_adv, alpha * l_mi, clip=mi_grad_clip)
+    return loss, logits_adv, {**extra, **balance}
 
 
 def wmim_objective(model: nn.Module, standard: MIEstimator, x: Tensor, x_adv: Tensor, y: Tensor, *,
                    alpha: float = 5.0, adv_loss: str = "ce", beta: float = 6.0, mode: str = "dv",
-                   layer: Optional[str] = None, quirks: Quirks = NONE,
-                   measure_grads: bool = False) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+                   layer: Optional[str] = None, quirks: Quirks = NONE, measure_grads: bool = False,
+                   mi_grad_clip: Optional[float] = None) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
     """WMIM (after Zhu et al. 2020, PAPER.md §6): L_adv − α · mean Î(x̃; h(x̃)) with a frozen
     standard-MI estimator. Returns (loss, logits of x̃, scalars) as ``namid_objective``."""
     logits_nat = target_outputs(model, x, layer)[0] if adv_loss != "ce" else None
@@ -124,9 +128,10 @@ def wmim_objective(model: nn.Module, standard: MIEstimator, x: Tensor, x_adv: Te
         local = standard.local(x_adv_all)
     standard_mi = mi_per_sample(local, standard.global_(g_adv), mode, quirks=quirks).mean()
     extra = {"l_adv": l_adv.detach(), "standard_mi": standard_mi.detach()}
-    if measure_grads:
-        extra.update(grad_balance(model, l_adv, -alpha * standard_mi))
-    return l_adv - alpha * standard_mi, logits_adv, extra
+    if not measure_grads and mi_grad_clip is None:
+        return l_adv - alpha * standard_mi, logits_adv, extra
+    loss, balance = grad_balance(model, l_adv, -alpha * standard_mi, clip=mi_grad_clip)
+    return loss, logits_adv, {**extra, **balance}
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -4,8 +4,8 @@ import math
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
+from utils.balance import BALANCE_LIMIT
 from utils.checkpoint import atomic_write
-from utils.losses import BALANCE_LIMIT
 
 
 def pyplot():
@@ -27,7 +27,8 @@ def save_figure(fig, path, dpi: int = 100) -> Path:
     return Path(path)
 
 
-# Stage 3's gradient balance, on a log scale with the line above which a warning is printed.
+# Stage 3's gradient balance (median and maximum over the measured batches, and what reaches
+# the optimizer under --mi-grad-clip), on a log scale with the default warning line.
 BALANCE_PANEL = "‖∇θ α·L_mi‖ / ‖∇θ L_adv‖"
 
 # Which metrics.jsonl keys share a panel: every stage fills the first two, stage 3 the cosine
@@ -37,7 +38,8 @@ PANELS: Tuple[Tuple[str, Callable[[str], bool]], ...] = (
     ("accuracy (%)", lambda k: k.endswith("_acc")),
     ("cosine term of L_mi", lambda k: k.startswith("cos_")),
     ("mean MI estimate", lambda k: k.startswith(("natural_mi_", "adversarial_mi_", "standard_mi_"))),
-    (BALANCE_PANEL, lambda k: k == "grad_ratio"),
+    (BALANCE_PANEL, lambda k: k.startswith("grad_ratio")),
+    ("cos(∇θ L_adv, ∇θ α·L_mi)", lambda k: k == "grad_cos"),
 )
 Series = Dict[str, Tuple[List[int], List[float]]]
 

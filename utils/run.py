@@ -27,7 +27,8 @@ from utils.script import NOTHING_TO_RESUME, UserError
 # Flags that do not change what a run computes (or say how long it runs): --resume may change them.
 RESUME_MAY_CHANGE = frozenset({"epochs", "resume", "overwrite", "no_progress", "device", "model_dir", "data_dir",
                                "save_freq", "workers", "amp", "channels_last", "compile", "compile_backend",
-                               "no_cudnn_benchmark", "tf32", "balance_limit"})
+                               "no_cudnn_benchmark", "tf32", "balance_limit", "balance_batches",
+                               "no_collapse_guard"})
 
 
 def flags_of(args) -> dict:
@@ -157,8 +158,8 @@ class Run:
         if not isinstance(stored, dict):
             return
         now = self.flags
-        # A run written before the --release-* flags existed ran with each of them off.
-        stored = {**{k: v for k, v in QUIRK_DEFAULTS.items() if k in now}, **stored}
+        # A run written before the --release-* flags or --mi-grad-clip existed ran with each of them off.
+        stored = {**{k: v for k, v in {**QUIRK_DEFAULTS, "mi_grad_clip": None}.items() if k in now}, **stored}
         # A flag added since (e.g. --overwrite) does not make an older run another script's.
         if set(stored) - RESUME_MAY_CHANGE != set(now) - RESUME_MAY_CHANGE:
             raise UserError(f"--resume: {self.last_path} was written by another script or version "

@@ -1,5 +1,6 @@
-"""How a script ends: a user mistake as one line and exit status 2, Ctrl-C with advice that fits
-where the run stopped (130), a closed output pipe quietly (141)."""
+"""How a script ends: a user mistake as one line and exit status 2, a run stopped by its collapse
+guard as one line and 3, Ctrl-C with advice that fits where the run stopped (130), a closed
+output pipe quietly (141)."""
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,10 @@ from utils.splits import DataError
 
 class UserError(Exception):
     """A mistake in the user's input. Scripts print its one-line message and exit with 2."""
+
+
+class Collapsed(UserError):
+    """A training run stopped by its collapse guard (utils/balance.py); exit status 3."""
 
 
 class Interrupted(Exception):
@@ -32,6 +37,10 @@ def run_main(main: Callable[[], None], interrupted: Optional[str] = None) -> Non
         # After main has returned, so no DDP wrapper still holds the process group; not after an
         # error, where another process may never reach the barrier.
         distributed.shutdown()
+    except Collapsed as err:
+        if speaks:
+            print(f"{prog}: stopped: {err}", file=sys.stderr)
+        sys.exit(3)
     except (UserError, DataError) as err:
         if speaks:
             print(f"{prog}: error: {err}", file=sys.stderr)
