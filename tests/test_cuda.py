@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 CUDA = torch.device("cuda")
 FAST = ["--device", "cuda", "--amp", "--channels-last"]
-# 48 training images: stages 1 and 3 hold out a tenth (4), so both stages end each epoch on a partial batch.
+# 48 training images, less the tenth that stages 1 and 3 hold out: every stage ends its epochs on a partial batch.
 DATA = ["--dataset", "synthetic", "--train-limit", "48", "--test-limit", "32", "--batch-size", "32",
         "--epsilon", "0.1", "--num-steps", "2", "--eval-steps", "2", "--no-progress"]
 HSIZE = "32"
