@@ -1,9 +1,18 @@
-"""benchmarks/: the script runs and writes its JSON; the release reference does the work it claims.
+"""benchmarks/: the script runs and writes its JSON; the release reference does the work it claims;
+gpu_session.sh rehearses on the CPU into one archive and refuses to start without CUDA.
 
 No timing is asserted here: timings belong to benchmarks/benchmark.py's printed figures."""
 import json
+import os
+import re
+import subprocess
+import tarfile
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -154,3 +163,82 @@ def test_balance_cost_prints_and_writes_its_figures(tmp_path, capsys):
     assert all(v > 0 for v in figures["step_seconds"].values())
     assert json.loads(out.read_text())["cap_overhead"] == figures["cap_overhead"]
     assert "of an epoch" in capsys.readouterr().out
+
+
+GPU_SESSION = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+# The steps of the rehearsal (9_compile is left out under SMALL=1), each with its log in the archive.
+REHEARSED_STEPS = ["0_wheels", "1_test_cuda", "2_benchmark", "3_data", "4_standard", "5_mi_estimator", "6_namid",
+                   "7_options", "8_standard_fast"]
+TRAINING_RUNS = ["standard", "mi_estimator", "namid", "standard_fast"]
+
+
+def session_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("SMALL", "SKIP", "DEVICE", "DEADLINE", "WHEELS", "OUT")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def probe_wheel(folder: Path) -> str:
+    """A minimal pure-Python wheel, so that the rehearsal installs something without a network."""
+    name, dist = "gpu_session_probe", "gpu_session_probe-1.0.dist-info"
+    files = {f"{name}.py": "VALUE = 1\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    folder.mkdir()
+    with zipfile.ZipFile(folder / f"{name}-1.0-py3-none-any.whl", "w") as wheel:
+        for path, text in files.items():
+            wheel.writestr(path, text)
+        wheel.writestr(f"{dist}/RECORD", "".join(f"{path},,\n" for path in [*files, f"{dist}/RECORD"]))
+    return name
+
+
+def test_gpu_session_rehearsal_on_the_cpu_leaves_one_archive_and_a_summary(tmp_path):
+    out = tmp_path / "out"
+    probe = probe_wheel(tmp_path / "wheels")
+    # No GPU even on a CUDA machine: the rehearsal checks the plumbing, and tests/test_cuda.py skips.
+    env = session_env(SMALL="1", OUT=str(out), WHEELS=str(tmp_path / "wheels"), CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(["bash", str(GPU_SESSION)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    left = [p for p in out.rglob("*") if p.is_file()]
+    assert sorted(p.name for p in left) == ["gpu_session.tar.gz", "summary.txt"]  # the limit is 8
+    archive = out / "gpu_session.tar.gz"
+    assert archive.stat().st_size <= 16 * 2**20
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        read = {name: tar.extractfile(f"gpu_session/{name}").read().decode()
+                for name in ("steps.txt", "env.txt", "test_cuda.xml", "1_test_cuda.log")}
+        metrics = {run: tar.extractfile(f"gpu_session/{run}/metrics.jsonl").read().decode() for run in TRAINING_RUNS}
+    assert not any(name.endswith(".pth") for name in names)  # checkpoints are not results
+    for name in [*(f"{s}.log" for s in REHEARSED_STEPS), "env.txt", "steps.txt", "test_cuda.xml", "benchmark.json",
+                 "benchmark.md", "options.json", "training_seconds.md"]:
+        assert f"gpu_session/{name}" in names, name
+
+    steps = read["steps.txt"]
+    assert re.findall(r"^== (\S+) \(limit", steps, flags=re.M) == REHEARSED_STEPS
+    assert re.findall(r"rc=(\d+)", steps) == ["0"] * len(REHEARSED_STEPS)  # every step did its work
+    assert "== 9_compile skipped" in steps
+    assert "--device cpu" in steps and "--device cuda" not in steps
+    assert steps in (out / "summary.txt").read_text()
+
+    env_text = read["env.txt"]
+    assert "SMALL=1 rehearsal" in env_text and re.search(r"^python \S+ torch \S+", env_text, flags=re.M)
+    assert re.search(rf"^installed from .*: .*\b{probe}\b", env_text, flags=re.M)  # the wheel went in first
+
+    suite = ET.fromstring(read["test_cuda.xml"])
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    tests, skipped = int(suite.get("tests")), int(suite.get("skipped"))
+    assert tests > 0 and int(suite.get("failures")) == int(suite.get("errors")) == 0
+    assert skipped == tests and "needs a CUDA device" in read["1_test_cuda.log"]
+    for run, text in metrics.items():
+        assert [json.loads(line)["epoch"] for line in text.splitlines()] == [1], run
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script would run the whole session")
+def test_gpu_session_without_cuda_stops_at_once_with_one_line(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(GPU_SESSION)], env=session_env(OUT=str(out)), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1 and "CUDA" in lines[0] and "SMALL=1" in lines[0], lines
+    assert not out.exists()  # nothing was started

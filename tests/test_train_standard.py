@@ -63,7 +63,8 @@ def test_paper_defaults():
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
-    common = [*SYNTH, "--epochs", "3", "--lr-milestones", "2"]
+    # Bit-identical weights: on the CPU, whose kernels are deterministic (cuDNN's need not be).
+    common = [*SYNTH, "--epochs", "3", "--lr-milestones", "2", "--device", "cpu"]
     code, _, err = run_script(capsys, "train_standard", [*common, "--model-dir", tmp_path / "full"])
     assert code == 0, err
 
@@ -455,7 +456,8 @@ def test_resume_keeps_the_best_model_of_the_epochs_before_the_crash(tmp_path, ca
     replace best_model.pth, as they do not in an uninterrupted run."""
     import utils.loop as loop
 
-    common = [*TINY, "--epochs", "3", "--save-freq", "1"]
+    # The two runs' epoch-1 weights are compared to the bit: on the CPU, whose kernels are deterministic.
+    common = [*TINY, "--epochs", "3", "--save-freq", "1", "--device", "cpu"]
     left, _ = _scripted_scores(monkeypatch, [60, 40, 50])
     code, _, err = run_script(capsys, "train_standard", [*common, "--model-dir", tmp_path / "full"])
     assert code == 0, err
