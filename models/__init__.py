@@ -11,7 +11,7 @@ from typing import Callable, Dict, Tuple
 import torch
 from torch import nn
 
-from .resnet import ResNet, ResNet18, ResNet34, ResNet50
+from .resnet import CifarResNet, ResNet, ResNet18, ResNet20, ResNet34, ResNet50
 from .smallcnn import SmallCNN
 from .vgg import VGG, VGG19
 from .wideresnet import WideResNet, WideResNet34_10
@@ -20,13 +20,14 @@ _FACTORIES: Dict[str, Callable[[int, int], nn.Module]] = {
     "resnet18": lambda c, k: ResNet18(in_channels=c, num_classes=k),
     "resnet34": lambda c, k: ResNet34(in_channels=c, num_classes=k),
     "resnet50": lambda c, k: ResNet50(in_channels=c, num_classes=k),
+    "resnet20": lambda c, k: ResNet20(in_channels=c, num_classes=k),
     "wrn-34-10": lambda c, k: WideResNet34_10(in_channels=c, num_classes=k),
     "vgg19": lambda c, k: VGG19(in_channels=c, num_classes=k),
     "smallcnn": lambda c, k: SmallCNN(in_channels=c, num_classes=k, batch_norm=True),
     "smallcnn-nobn": lambda c, k: SmallCNN(in_channels=c, num_classes=k, batch_norm=False),
 }
 
-MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "wrn-34-10", "vgg19", "smallcnn", "smallcnn-nobn")
+MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet20", "wrn-34-10", "vgg19", "smallcnn", "smallcnn-nobn")
 
 
 def get_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
@@ -59,6 +60,7 @@ def feature_shapes(model: nn.Module, input_shape: Tuple[int, ...]) -> Dict[str, 
 
 __all__ = [
     "MODEL_NAMES",
+    "CifarResNet",
     "ResNet",
     "SmallCNN",
     "VGG",

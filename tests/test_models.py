@@ -1,9 +1,12 @@
 """Shapes, the shared feature interface and the registry of models/."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from models import MODEL_NAMES, feature_shapes, get_model
+from utils.estimators import build_one_estimator, internal_layer, target_outputs
 
 # (input shape, num_classes) of MNIST-like, CIFAR-10, CIFAR-100 and Tiny-ImageNet data.
 DATASETS = [((1, 28, 28), 10), ((3, 32, 32), 10), ((3, 32, 32), 100), ((3, 64, 64), 200)]
@@ -69,11 +72,13 @@ def test_return_features_is_one_pass(name):
     assert set(calls.values()) == {1}
 
 
-def test_features_carry_gradient():
-    model = get_model("smallcnn", in_channels=1)
+@pytest.mark.parametrize("name,first_conv", [("smallcnn", "block1.0"), ("resnet20", "conv1")])
+@pytest.mark.parametrize("layer", ["layer3", "layer4"])
+def test_features_carry_gradient(name, first_conv, layer):
+    model = get_model(name, in_channels=1)
     logits, feats = model(torch.rand(2, 1, 28, 28), return_features=True)
-    feats["layer4"].sum().backward()
-    assert model.block1[0].weight.grad.abs().sum() > 0
+    feats[layer].sum().backward()
+    assert model.get_submodule(first_conv).weight.grad.abs().sum() > 0
 
 
 def test_unknown_name_lists_known_names():
@@ -83,13 +88,20 @@ def test_unknown_name_lists_known_names():
         assert name in str(err.value)
 
 
-def test_feature_shapes_restores_modes():
-    model = get_model("resnet18").train()
-    model.layer1.eval()  # a partly frozen model must come back exactly as it was
+@pytest.mark.parametrize(
+    "name,frozen,expected",
+    [
+        ("resnet18", "layer1", {"layer3": (256, 8, 8), "layer4": (512, 4, 4), "logits": (10,)}),
+        ("resnet20", "stage1", {"layer3": (32, 16, 16), "layer4": (64, 8, 8), "logits": (10,)}),
+    ],
+)
+def test_feature_shapes_restores_modes(name, frozen, expected):
+    model = get_model(name).train()
+    model.get_submodule(frozen).eval()  # a partly frozen model must come back exactly as it was
     before = {n: m.training for n, m in model.named_modules()}
     stats = model.bn1.running_mean.clone()
     shapes = feature_shapes(model, (3, 32, 32))
-    assert shapes == {"layer3": (256, 8, 8), "layer4": (512, 4, 4), "logits": (10,)}
+    assert shapes == expected
     assert {n: m.training for n, m in model.named_modules()} == before
     assert torch.equal(model.bn1.running_mean, stats)
 
@@ -102,6 +114,8 @@ def test_feature_shapes_restores_modes():
         ("vgg19", (3, 32, 32), {"layer3": (512, 4, 4), "layer4": (512, 2, 2), "logits": (10,)}),
         ("vgg19", (1, 28, 28), {"layer3": (512, 4, 4), "layer4": (512, 2, 2), "logits": (10,)}),
         ("resnet18", (3, 64, 64), {"layer3": (256, 16, 16), "layer4": (512, 8, 8), "logits": (10,)}),
+        ("resnet20", (1, 28, 28), {"layer3": (32, 14, 14), "layer4": (64, 7, 7), "logits": (10,)}),
+        ("resnet20", (3, 32, 32), {"layer3": (32, 16, 16), "layer4": (64, 8, 8), "logits": (10,)}),
     ],
 )
 def test_feature_shapes(name, shape, expected):
@@ -117,17 +131,56 @@ def test_smallcnn_variants():
     assert torch.count_nonzero(without(torch.rand(2, 1, 28, 28))) == 0
 
 
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+@pytest.mark.parametrize("flag", [None, "is_internal", "is_internal_last"])
+def test_resnet20_feeds_the_estimators(shape, flag):
+    """Stages 2 and 3 size the global net from feature_shapes and feed it target_outputs."""
+    model = get_model("resnet20", 10, shape[0]).eval()
+    args = SimpleNamespace(va_hsize=16, is_internal=flag == "is_internal", is_internal_last=flag == "is_internal_last")
+    info = SimpleNamespace(in_channels=shape[0], num_classes=10, image_size=shape[1])
+    estimator = build_one_estimator(args, info, model, torch.device("cpu"))
+    x = torch.rand(4, *shape)
+    logits, read = target_outputs(model, x, internal_layer(args))
+    assert logits.shape == (4, 10)
+    expected = {None: (10,), "is_internal": (32,), "is_internal_last": (64,)}[flag]
+    assert read.shape[1] == expected[0]
+    assert estimator.global_(read).shape == (4, 16, 1, 1)
+    mi = estimator.mi(x, read)
+    assert mi.shape == (4,) and torch.isfinite(mi).all()
+    mi.sum().backward()  # stage 3 trains the target through the global net
+    assert model.conv1.weight.grad.abs().sum() > 0
+
+
+def test_resnet20_batchnorm_modes():
+    """Train mode normalises by the batch and updates the running stats; eval mode uses them,
+    so a sample's logits no longer depend on the rest of its batch."""
+    torch.manual_seed(0)
+    model = get_model("resnet20", 10, 1)
+    x = torch.rand(8, 1, 28, 28)
+    stats = model.bn1.running_mean.clone()
+    with torch.no_grad():
+        model.train()
+        train_full, train_half = model(x), model(x[:4])
+        assert not torch.equal(model.bn1.running_mean, stats)
+        stats = model.bn1.running_mean.clone()
+        model.eval()
+        eval_full, eval_half = model(x), model(x[:4])
+    assert torch.equal(model.bn1.running_mean, stats)
+    torch.testing.assert_close(eval_half, eval_full[:4], rtol=1e-4, atol=1e-5)
+    assert (train_half - train_full[:4]).abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------- ResNet stem and parameter counts
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
-def test_resnet_stem_is_cifar_style(name):
+@pytest.mark.parametrize("name,width", [("resnet18", 64), ("resnet34", 64), ("resnet50", 64), ("resnet20", 16)])
+def test_resnet_stem_is_cifar_style(name, width):
     """PAPER.md §7: the release's ResNet-18 had conv1 padding 0; ours uses the usual 3x3/1/1 stem."""
     model = get_model(name, 10, 3)
     conv1 = model.conv1
     assert isinstance(conv1, torch.nn.Conv2d)
     assert conv1.kernel_size == (3, 3) and conv1.stride == (1, 1) and conv1.padding == (1, 1)
-    assert (conv1.in_channels, conv1.out_channels) == (3, 64)
+    assert (conv1.in_channels, conv1.out_channels) == (3, width)
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
 
 
@@ -143,17 +196,27 @@ def _fc(c_in, c_out):
     return c_in * c_out + c_out
 
 
-def _resnet18_params(classes, c_in):
-    """CIFAR ResNet-18: 3x3 stem, 4 stages of 2 BasicBlocks, 1x1 projection where the shape changes."""
-    total = _conv(c_in, 64, 3) + _bn(64)
-    planes_in = 64
-    for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        for s in (stride, 1):
+def _basic_resnet_params(classes, c_in, widths, blocks):
+    """3x3 stem, one stage of ``blocks`` BasicBlocks per width, 1x1 projection where the shape changes."""
+    total = _conv(c_in, widths[0], 3) + _bn(widths[0])
+    planes_in = widths[0]
+    for planes in widths:
+        for _ in range(blocks):
             total += _conv(planes_in, planes, 3) + _bn(planes) + _conv(planes, planes, 3) + _bn(planes)
-            if s != 1 or planes_in != planes:
+            if planes_in != planes:  # the stride-2 blocks are exactly the width-changing ones
                 total += _conv(planes_in, planes, 1) + _bn(planes)
             planes_in = planes
-    return total + _fc(512, classes)
+    return total + _fc(widths[-1], classes)
+
+
+def _resnet18_params(classes, c_in):
+    """CIFAR ResNet-18: 4 stages of 2 BasicBlocks, widths 64-512."""
+    return _basic_resnet_params(classes, c_in, (64, 128, 256, 512), 2)
+
+
+def _resnet20_params(classes, c_in):
+    """ResNet-20 (He et al. 2016, §4.2): 3 stages of 3 BasicBlocks, widths 16/32/64, projection shortcuts."""
+    return _basic_resnet_params(classes, c_in, (16, 32, 64), 3)
 
 
 def _wrn_34_10_params(classes, c_in):
@@ -192,12 +255,21 @@ def _smallcnn_nobn_params(classes, c_in):
         ("wrn-34-10", 3, _wrn_34_10_params, 46_160_474),  # TRADES' WRN-34-10 (46.16M)
         ("vgg19", 3, _vgg19_params, 20_040_522),
         ("smallcnn-nobn", 1, _smallcnn_nobn_params, 312_202),
+        ("resnet20", 3, _resnet20_params, 272_474),
+        ("resnet20", 1, _resnet20_params, 272_186),
     ],
 )
 def test_parameter_counts(name, in_channels, formula, expected):
     assert formula(10, in_channels) == expected  # the pinned number follows from the architecture
     model = get_model(name, 10, in_channels)
     assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_resnet20_is_0_27m_parameters():
+    """He et al. 2016, Table 6: 0.27M parameters; the two projections add 2,752 to option A's count."""
+    count = sum(p.numel() for p in get_model("resnet20", 10, 3).parameters())
+    option_a = count - (_conv(16, 32, 1) + _bn(32) + _conv(32, 64, 1) + _bn(64))
+    assert round(count / 1e6, 2) == 0.27 and round(option_a / 1e6, 2) == 0.27
 
 
 class _RefBasicBlock(torch.nn.Module):
@@ -218,17 +290,22 @@ class _RefBasicBlock(torch.nn.Module):
         return torch.relu(y + (x if self.proj is None else self.proj(x)))
 
 
-class _RefResNet18(torch.nn.Module):
-    """A hand-written CIFAR ResNet-18 (He et al. 2016, 3x3 stem, no max-pool), for comparison."""
+class _RefResNet(torch.nn.Module):
+    """A hand-written CIFAR ResNet (He et al. 2016, 3x3 stem, no max-pool), for comparison:
+    ``blocks`` BasicBlocks per width, the first of each later stage with stride 2."""
 
-    def __init__(self, classes=10):
+    def __init__(self, widths, blocks, c_in=3, classes=10):
         super().__init__()
-        self.stem = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.stem_bn = torch.nn.BatchNorm2d(64)
-        spec = [(64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1),
-                (128, 256, 2), (256, 256, 1), (256, 512, 2), (512, 512, 1)]
+        self.stem = torch.nn.Conv2d(c_in, widths[0], 3, 1, 1, bias=False)
+        self.stem_bn = torch.nn.BatchNorm2d(widths[0])
+        spec, prev = [], widths[0]
+        for i, width in enumerate(widths):
+            for j in range(blocks):
+                spec.append((prev, width, 2 if i > 0 and j == 0 else 1))
+                prev = width
         self.blocks = torch.nn.ModuleList(_RefBasicBlock(*s) for s in spec)
-        self.head = torch.nn.Linear(512, classes)
+        self.head = torch.nn.Linear(widths[-1], classes)
+        self.blocks_per_stage = blocks
 
     def forward(self, x):
         out = torch.relu(self.stem_bn(self.stem(x)))
@@ -236,11 +313,20 @@ class _RefResNet18(torch.nn.Module):
         for block in self.blocks:
             out = block(out)
             feats.append(out)
-        return self.head(out.mean((2, 3))), feats[5], feats[7]
+        # The ends of the last two stages.
+        return self.head(out.mean((2, 3))), feats[-1 - self.blocks_per_stage], feats[-1]
 
 
-def test_resnet18_matches_hand_written_reference():
-    model = get_model("resnet18", 10, 3)
+@pytest.mark.parametrize(
+    "name,widths,blocks,shape",
+    [
+        ("resnet18", (64, 128, 256, 512), 2, (3, 32, 32)),
+        ("resnet20", (16, 32, 64), 3, (3, 32, 32)),
+        ("resnet20", (16, 32, 64), 3, (1, 28, 28)),
+    ],
+)
+def test_resnet_matches_hand_written_reference(name, widths, blocks, shape):
+    model = get_model(name, 10, shape[0])
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in model.modules():
@@ -248,14 +334,14 @@ def test_resnet18_matches_hand_written_reference():
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
                 m.momentum = 1.0  # running stats = the statistics of the next training batch
-        model.train()(torch.rand(8, 3, 32, 32, generator=g))  # realistic scales for eval mode
-    ref = _RefResNet18()
+        model.train()(torch.rand(8, *shape, generator=g))  # realistic scales for eval mode
+    ref = _RefResNet(widths, blocks, shape[0])
     theirs = list(model.state_dict().values())
     keys = list(ref.state_dict().keys())
     assert len(theirs) == len(keys)
     assert [tuple(t.shape) for t in theirs] == [tuple(t.shape) for t in ref.state_dict().values()]
     ref.load_state_dict(dict(zip(keys, theirs)))
-    x = torch.rand(2, 3, 32, 32, generator=g)
+    x = torch.rand(2, *shape, generator=g)
     with torch.no_grad():
         logits, feats = model.eval()(x, return_features=True)
         ref_logits, ref3, ref4 = ref.eval()(x)
