@@ -6,7 +6,7 @@ and such runs fell to chance within an epoch. The cap is MINE's adaptive gradien
 (Belghazi et al., 2018, §3.2): the MI gradient is scaled to at most ρ·‖∇θ L_adv‖."""
 import math
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -144,15 +144,15 @@ class BalanceMonitor:
         self.batches, self.limit, self.clip, self.guard = batches, limit, clip, guard
         self.num_classes, self.advice = num_classes, advice
         self.log = BalanceLog()
-        self.schedule: List[int] = []
+        self.schedule: Set[int] = set()
         self.step = 0
         self.summary: Dict[str, Optional[float]] = {}
         self.above_chance = False
 
     def start_epoch(self, num_batches: int) -> None:
         self.log = BalanceLog()
-        self.schedule = list(range(num_batches)) if self.clip is not None else measured_batches(num_batches,
-                                                                                                self.batches)
+        every = range(num_batches) if self.clip is not None else measured_batches(num_batches, self.batches)
+        self.schedule = set(every)
         self.step = 0
 
     def measure_next(self) -> bool:
