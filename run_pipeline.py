@@ -20,11 +20,11 @@ import train_MI_estimator
 import train_MI_estimator_only_max
 import train_MIAT
 import train_standard
-from utils.checkpoint import atomic_write_text, load_checkpoint, metrics_records, run_config, writable_dir
 from utils.cli import Parser
-from utils.dataset_files import DEBIAN_FASHION_DIR, find_idx_dir
-from utils.report import GROUP_SUFFIX, merge_results, results_markdown, write_report
+from utils.data.files import DEBIAN_FASHION_DIR, find_idx_dir
+from utils.evaluation.report import GROUP_SUFFIX, merge_results, results_markdown, write_report
 from utils.script import Collapsed, UserError, run_main
+from utils.training.checkpoint import atomic_write_text, load_checkpoint, metrics_records, run_config, writable_dir
 
 METHODS = ("namid", "namid-t", "namid-m", "wmim")
 

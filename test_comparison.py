@@ -17,7 +17,6 @@ import torch
 from models import MODEL_NAMES, get_model
 from utils.attacks.autoattack import VERSIONS as AA_VERSIONS
 from utils.attacks.registry import GROUPS, build_attack, expand_attack_names
-from utils.checkpoint import atomic_write_text, load_weights, run_config, writable_dir
 from utils.cli import (
     TF32_HELP,
     Parser,
@@ -27,8 +26,8 @@ from utils.cli import (
     linf_budget_problem,
     number,
 )
-from utils.device import resolve_device, seed_everything, set_tf32
-from utils.eval_output import (
+from utils.evaluation.engine import Evaluation
+from utils.evaluation.output import (
     attack_settings,
     examples_text,
     format_epsilon,
@@ -37,11 +36,12 @@ from utils.eval_output import (
     results_table,
     sweep_table,
 )
-from utils.eval_results import Report, first_examples
-from utils.evaluation import Evaluation
-from utils.loop import FastPath
+from utils.evaluation.results import Report, first_examples
 from utils.script import UserError, run_main
-from utils.setup import compiled
+from utils.training.checkpoint import atomic_write_text, load_weights, run_config, writable_dir
+from utils.training.device import resolve_device, seed_everything, set_tf32
+from utils.training.loop import FastPath
+from utils.training.setup import compiled
 
 DEFAULT_ATTACKS = "pgd40,aa"
 DEFAULT_ARCH = "resnet18"
@@ -325,7 +325,7 @@ def main(argv=None):
     if args.surrogate and not Path(args.surrogate).is_file():
         raise UserError(f"--surrogate: no checkpoint at {args.surrogate}")
 
-    from utils.data import load_splits  # torchvision is slow to import; --help and flag errors need none of it
+    from utils.data.loaders import load_splits  # torchvision is slow to import; --help and flag errors need none of it
 
     device = resolve_device(args.device)
     seed_everything(args.seed)

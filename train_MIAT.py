@@ -7,7 +7,6 @@ last.pth, config.json, metrics.jsonl and curves.png to --model-dir."""
 
 from utils.attacks.base import bare_module
 from utils.attacks.pgd import pgd
-from utils.balance import BALANCE_LIMIT, BalanceMonitor
 from utils.cli import (
     Parser,
     add_attack_args,
@@ -24,7 +23,7 @@ from utils.cli import (
     number,
     warn_without_adversarial_epoch,
 )
-from utils.estimators import (
+from utils.mi.estimators import (
     build_estimators,
     build_one_estimator,
     check_stage2_flags,
@@ -32,13 +31,14 @@ from utils.estimators import (
     load_estimators,
     load_standard_estimator,
 )
-from utils.loop import fit_target
-from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS
+from utils.mi.release_compat import add_release_args, finish_release_args
 from utils.namid import freeze, namid_objective, wmim_objective
-from utils.release_compat import add_release_args, finish_release_args
-from utils.run import Run
 from utils.script import run_main
-from utils.setup import fresh_model, setup, sgd
+from utils.training.balance import BALANCE_LIMIT, BalanceMonitor
+from utils.training.loop import fit_target
+from utils.training.losses import ADV_LOSSES, ATTACK_FOR_LOSS
+from utils.training.run import Run
+from utils.training.setup import fresh_model, setup, sgd
 
 
 def build_parser() -> Parser:

@@ -15,11 +15,11 @@ curves.png."""
 import torch.nn as nn
 
 from utils.cli import Parser, check_non_negative, number
-from utils.estimators import build_estimators, estimator_best_files
-from utils.mi_objectives import estimator_loss_paper, estimator_loss_release
-from utils.patterns import select_samples
+from utils.mi.estimators import build_estimators, estimator_best_files
+from utils.mi.objectives import estimator_loss_paper, estimator_loss_release
+from utils.mi.patterns import select_samples
 from utils.script import run_main
-from utils.stage2 import (
+from utils.training.stage2 import (
     ReleasePasses,
     add_stage2_args,
     attack_batch,

@@ -15,11 +15,11 @@ release kept its last epoch)."""
 import torch.nn as nn
 
 from utils.cli import Parser
-from utils.estimators import STANDARD_FILES, build_estimators, build_one_estimator, estimator_best_files
-from utils.mi_objectives import estimator_loss_max
-from utils.patterns import attack_succeeded, select_samples
+from utils.mi.estimators import STANDARD_FILES, build_estimators, build_one_estimator, estimator_best_files
+from utils.mi.objectives import estimator_loss_max
+from utils.mi.patterns import attack_succeeded, select_samples
 from utils.script import run_main
-from utils.stage2 import (
+from utils.training.stage2 import (
     add_stage2_args,
     attack_batch,
     estimator_run,

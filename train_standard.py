@@ -19,11 +19,11 @@ from utils.cli import (
     number,
     warn_without_adversarial_epoch,
 )
-from utils.loop import fit_target
-from utils.losses import ADV_LOSSES, ATTACK_FOR_LOSS, adversarial_loss, needs_natural_logits
-from utils.run import Run
 from utils.script import run_main
-from utils.setup import fresh_model, setup, sgd
+from utils.training.loop import fit_target
+from utils.training.losses import ADV_LOSSES, ATTACK_FOR_LOSS, adversarial_loss, needs_natural_logits
+from utils.training.run import Run
+from utils.training.setup import fresh_model, setup, sgd
 
 
 def build_parser() -> Parser:

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import get_model  # noqa: E402
 from models.estimator import build_estimator  # noqa: E402
 from utils.attacks.pgd import pgd  # noqa: E402
-from utils.balance import measured_batches  # noqa: E402
 from utils.namid import freeze, namid_objective  # noqa: E402
+from utils.training.balance import measured_batches  # noqa: E402
 
 VARIANTS = {"plain": {}, "measured": {"measure_grads": True}, "capped": {"mi_grad_clip": 1.0}}
 

@@ -3,8 +3,8 @@
 Cases (``--only``): train-step (stage 1, Standard AT with PGD-10, step ε/4), estimator-step (stage 2),
 namid-step (stage 3), pgd40-eval (clean forward + PGD-40 + forward) and autoattack-100
 (AutoAttack on 100 images). Data are synthetic CIFAR-shaped uint8 images (Fashion-MNIST-shaped
-for SmallCNN): ours go through ``utils.data.BatchLoader`` and the scripts' own step functions
-inside ``utils.loop.train_epoch`` / ``evaluate``; the reference goes through the release's
+for SmallCNN): ours go through ``utils.data.loaders.BatchLoader`` and the scripts' own step functions
+inside ``utils.training.loop.train_epoch`` / ``evaluate``; the reference goes through the release's
 PIL/torchvision ``DataLoader``. Both run the same model and batch with the same PGD budget.
 
 Prints a table and a summary of ours/reference, and writes JSON (and the table as Markdown)
@@ -41,14 +41,14 @@ from train_standard import standard_objective  # noqa: E402
 from utils.attacks.autoattack import autoattack  # noqa: E402
 from utils.attacks.pgd import pgd  # noqa: E402
 from utils.cli import add_compile_backend_arg  # noqa: E402
-from utils.data import BatchLoader, load_splits  # noqa: E402
-from utils.loop import FastPath, evaluate, train_epoch  # noqa: E402
-from utils.losses import ATTACK_FOR_LOSS  # noqa: E402
-from utils.mi_objectives import estimator_loss_release  # noqa: E402
+from utils.data.loaders import BatchLoader, load_splits  # noqa: E402
+from utils.mi.objectives import estimator_loss_release  # noqa: E402
+from utils.mi.patterns import select_samples  # noqa: E402
+from utils.mi.release_compat import Quirks  # noqa: E402
 from utils.namid import freeze, namid_objective  # noqa: E402
-from utils.patterns import select_samples  # noqa: E402
-from utils.release_compat import Quirks  # noqa: E402
-from utils.setup import speed_up  # noqa: E402
+from utils.training.loop import FastPath, evaluate, train_epoch  # noqa: E402
+from utils.training.losses import ATTACK_FOR_LOSS  # noqa: E402
+from utils.training.setup import speed_up  # noqa: E402
 
 CASES = ("train-step", "estimator-step", "namid-step", "pgd40-eval", "autoattack-100")
 DEFAULT_ARCHS = {"train-step": ("smallcnn", "resnet18")}  # every other case: ResNet-18, the paper's target
@@ -100,7 +100,7 @@ def parse_args(argv=None):
                    help="torch CPU threads (default: torch's choice); 1 on a shared, oversubscribed machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<device>.json)")
-    p.set_defaults(sync_bn=False)  # one process: utils.setup.speed_up's SyncBatchNorm stays off
+    p.set_defaults(sync_bn=False)  # one process: utils.training.setup.speed_up's SyncBatchNorm stays off
     args = p.parse_args(argv)
     if args.iters is None:
         args.iters = 2 if args.quick else 10
@@ -274,7 +274,7 @@ def ours_train_step(model, cfg):
 
 def ours_estimator_step(frozen, ests, cfg):
     """train_MI_estimator.main's step (default --objective release), on the frozen target."""
-    from utils.stage2 import attack_batch, mi_vectors  # here, so the other cases run without stage 2's module
+    from utils.training.stage2 import attack_batch, mi_vectors  # here, so the other cases run without stage 2's module
 
     def step(x, y):
         b = attack_batch(frozen, x, y, cfg, None, cfg.num_steps)
@@ -332,13 +332,13 @@ def _result(case, arch, impl, dtype, batch, steps, epoch_name, epoch_images, not
 
 
 def time_ours(case: str, arch: str, args, device, split, info):
-    """Our step as the script builds it, inside utils.loop.train_epoch over a BatchLoader.
+    """Our step as the script builds it, inside utils.training.loop.train_epoch over a BatchLoader.
 
     Returns (seconds of each timed step, notes, peak memory in MiB or None)."""
     cfg = step_config(args)
     model = target(arch, device, args.seed)
     if case == "estimator-step":
-        model.eval().requires_grad_(False)  # stage 2's frozen target (utils.stage2.prepare), then the fast path
+        model.eval().requires_grad_(False)  # stage 2's frozen target (training.stage2.prepare), then the fast path
     model, fast, fast_note = fast_path(model, args)
     if case == "train-step":
         trained, optimizer, step = model, sgd(model), ours_train_step(model, cfg)
@@ -360,7 +360,7 @@ def time_ours(case: str, arch: str, args, device, split, info):
 
 
 def time_pgd40(arch: str, args, device, split, info):
-    """utils.loop.evaluate: clean forward, PGD-40 (step ε/4), forward, under no_grad where
+    """utils.training.loop.evaluate: clean forward, PGD-40 (step ε/4), forward, under no_grad where
     possible; same return as time_ours."""
     model, fast, fast_note = fast_path(target(arch, device, args.seed), args)
     reset_peak(device)
@@ -558,7 +558,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = resolve(args.device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as the scripts run (utils.device.prepare_device); both sides alike
+        torch.backends.cudnn.benchmark = True  # as the scripts run (training.device.prepare_device); both sides alike
     if args.threads:
         torch.set_num_threads(args.threads)
     name = device_name(device)

@@ -38,10 +38,10 @@ def worker(args) -> None:
 
     from benchmarks.benchmark import ours_train_step
     from models import get_model
-    from utils import distributed
-    from utils.data import BatchLoader
-    from utils.loop import train_epoch
-    from utils.synthetic import make_synthetic
+    from utils.data.loaders import BatchLoader
+    from utils.data.synthetic import make_synthetic
+    from utils.training import distributed
+    from utils.training.loop import train_epoch
 
     ctx = distributed.init("cpu")
     torch.manual_seed(0)

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from utils.losses import adversarial_loss
-from utils.mi import mi_per_sample
-from utils.mi_objectives import estimator_loss_release
+from utils.mi.bounds import mi_per_sample
+from utils.mi.objectives import estimator_loss_release
+from utils.mi.patterns import select_samples
 from utils.namid import namid_loss
-from utils.patterns import select_samples
+from utils.training.losses import adversarial_loss
 
 Tensor = torch.Tensor
 

@@ -1,4 +1,4 @@
-"""Write the release's data files from any dataset that utils/data.py can load.
+"""Write the release's data files from any dataset that utils/data/loaders.py can load.
 
     python data/make_npy.py --dataset cifar10 --data-dir data --out data
 
@@ -20,10 +20,10 @@ import numpy as np
 # The script lives in data/, outside any package; make the repository's utils importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.checkpoint import atomic_write_text  # noqa: E402
-from utils.data import DATASETS, load_splits  # noqa: E402
-from utils.dataset_files import NPY_INFO  # noqa: E402
-from utils.splits import DataError, DatasetInfo, Split  # noqa: E402
+from utils.data.files import NPY_INFO  # noqa: E402
+from utils.data.loaders import DATASETS, load_splits  # noqa: E402
+from utils.data.splits import DataError, DatasetInfo, Split  # noqa: E402
+from utils.training.checkpoint import atomic_write_text  # noqa: E402
 
 
 def split_arrays(split: Split):

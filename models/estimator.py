@@ -4,8 +4,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from utils.mi import mi_per_sample
-from utils.release_compat import NONE, Quirks
+from utils.mi.bounds import mi_per_sample
+from utils.mi.release_compat import NONE, Quirks
 
 INTERNAL_LAYERS = ("layer3", "layer4")
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun: utils.distributed.average_gradients on a
+"""Run by tests/test_distributed.py under torchrun: utils.training.distributed.average_gradients on a
 module with parameters of several sizes and dtypes, one without a gradient (unused in the
 step), one frozen, and an NHWC convolution weight.
 
@@ -15,7 +15,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils import distributed  # noqa: E402
+from utils.training import distributed  # noqa: E402
 
 BUCKET_BYTES = 1024
 

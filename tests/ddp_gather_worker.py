@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun: utils.distributed.gather_batch on uneven
+"""Run by tests/test_distributed.py under torchrun: utils.training.distributed.gather_batch on uneven
 shards (3 rows on rank 0, 2 on rank 1, sizes given), a float tensor that requires grad and a
 bool mask; then on equal shards (sizes implied), with the host syncs of the gather and its
 backward counted.
@@ -12,8 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils import distributed  # noqa: E402
 from utils.host_syncs import HostSyncs  # noqa: E402
+from utils.training import distributed  # noqa: E402
 
 
 def main(out: str) -> None:

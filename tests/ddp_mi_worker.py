@@ -2,7 +2,7 @@
 (stage 3) and one estimator step (stage 2) on a fixed global batch of 16.
 
 Each process takes its shard of the batch; the MI terms are computed on the batch gathered
-from all processes (utils.distributed.gather_batch). The first process writes the target's
+from all processes (utils.training.distributed.gather_batch). The first process writes the target's
 and the estimators' gradients to the path in argv[1]."""
 import sys
 from pathlib import Path
@@ -14,12 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.estimator import build_estimator  # noqa: E402
 from tests.ddp_worker import save_gradients  # noqa: E402
-from utils import distributed  # noqa: E402
-from utils.data import load_splits  # noqa: E402
-from utils.mi_objectives import estimator_loss_release  # noqa: E402
+from utils.data.loaders import load_splits  # noqa: E402
+from utils.mi.objectives import estimator_loss_release  # noqa: E402
+from utils.mi.patterns import select_samples, split_patterns  # noqa: E402
 from utils.namid import freeze, namid_objective  # noqa: E402
-from utils.patterns import select_samples, split_patterns  # noqa: E402
-from utils.stage2 import AdvBatch, global_batch, mi_vectors  # noqa: E402
+from utils.training import distributed  # noqa: E402
+from utils.training.stage2 import AdvBatch, global_batch, mi_vectors  # noqa: E402
 
 BATCH = 16
 

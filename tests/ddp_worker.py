@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils import distributed  # noqa: E402
-from utils.data import BatchLoader, load_splits  # noqa: E402
+from utils.data.loaders import BatchLoader, load_splits  # noqa: E402
+from utils.training import distributed  # noqa: E402
 
 
 def gradients() -> dict:

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.eval_results import ModelResult
-from utils.splits import Split
+from utils.data.splits import Split
+from utils.evaluation.results import ModelResult
 
 
 def run_script(capsys, module_name: str, argv):

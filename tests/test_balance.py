@@ -1,4 +1,4 @@
-"""utils/balance.py: the gradient balance against separate backward passes, the MI-gradient cap,
+"""utils/training/balance.py: the gradient balance against separate backward passes, the MI-gradient cap,
 the per-epoch summary, the warning and the collapse guard."""
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.balance import BalanceLog, BalanceMonitor, collapsed, grad_balance, measured_batches
 from utils.script import Collapsed
+from utils.training.balance import BalanceLog, BalanceMonitor, collapsed, grad_balance, measured_batches
 
 
 def _problem(seed=0):

@@ -1,4 +1,4 @@
-"""utils/checkpoint.py: atomic writes, the one safe checkpoint loader, and a run folder's files."""
+"""utils/training/checkpoint.py: atomic writes, the one safe checkpoint loader, and a run folder's files."""
 import json
 import pickle
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils.checkpoint import (
+from utils.script import UserError
+from utils.training.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     load_weights,
@@ -14,7 +15,6 @@ from utils.checkpoint import (
     run_config,
     writable_dir,
 )
-from utils.script import UserError
 
 
 class Payload:  # pickled by reference: loading it would need to run code
@@ -54,7 +54,7 @@ def test_load_weights_strips_wrapper_prefixes_and_refuses_a_misfit(tmp_path):
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "config.json"
     atomic_write_text(path, "old")
-    from utils.checkpoint import atomic_write
+    from utils.training.checkpoint import atomic_write
 
     def broken(f):
         f.write("half")

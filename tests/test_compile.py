@@ -17,8 +17,8 @@ import train_MIAT
 import train_standard
 from models import get_model
 from tests.test_test_comparison import _run as run_comparison
-from utils.balance import grad_balance
-from utils.setup import compiled
+from utils.training.balance import grad_balance
+from utils.training.setup import compiled
 
 COMPILE = ["--compile", "--compile-backend", "aot_eager"]
 # 280 images, 16 held out: eight batches of 32 and one of 8, so every epoch ends on a partial batch.

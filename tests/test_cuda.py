@@ -19,11 +19,11 @@ from tests.test_test_comparison import SCRIPT, _script
 from utils.attacks.base import lp_norm
 from utils.attacks.pgd import pgd
 from utils.attacks.registry import BUDGET_TOL, build_attack, robust_mask
-from utils.data import BatchLoader
-from utils.loop import FastPath, evaluate
+from utils.data.loaders import BatchLoader
+from utils.data.splits import Split
+from utils.data.synthetic import synthetic_info
 from utils.namid import freeze, namid_objective
-from utils.splits import Split
-from utils.synthetic import synthetic_info
+from utils.training.loop import FastPath, evaluate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -150,7 +150,7 @@ def test_namid_objective_under_bf16_autocast_is_within_tolerance_of_fp32(monkeyp
     bf16 keeps 8 significant bits, so each rounding is within u = 2^-8 ≈ 3.9e-3 relative. The
     target's 7 layers and the global net's 3 round in series: the logits and global features are
     within about 10u ≈ 4e-2 relative (errors adding up in the worst case), and the MI scores and
-    the losses are formed from them in fp32 (utils/loop.py FastPath), without bf16 rounding of
+    the losses are formed from them in fp32 (utils/training/loop.py FastPath), without bf16 rounding of
     their own. Hence rtol 5e-2 on L_all, L_adv, L_mi and the λ term. The cosine terms |1 − cos| are
     differences of numbers near 1 and may be tiny, so a relative bound means nothing for them:
     their error is the cosine's own, compared with atol u (a CPU's bf16 kernels stay under 3e-4).

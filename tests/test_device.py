@@ -1,13 +1,13 @@
-"""utils/device.py: the device flag, seeding, and RNG state that a resume restores."""
+"""utils/training/device.py: the device flag, seeding, and RNG state that a resume restores."""
 import random
 
 import numpy as np
 import pytest
 import torch
 
-import utils.device
-from utils.device import prepare_device, resolve_device, rng_state, seed_everything, set_rng_state
+import utils.training.device
 from utils.script import UserError
+from utils.training.device import prepare_device, resolve_device, rng_state, seed_everything, set_rng_state
 
 
 def test_rng_state_round_trip_replays_every_stream():
@@ -41,7 +41,7 @@ def matmul_precision():
 @pytest.mark.parametrize("tf32", [True, False])
 def test_tf32_reaches_the_matmul_setting_on_cuda(monkeypatch, matmul_precision, tf32):
     # A CUDA device as far as prepare_device can tell: the setting is a flag, no GPU is needed to set it.
-    monkeypatch.setattr(utils.device, "resolve_device", lambda name: torch.device("cuda", 0))
+    monkeypatch.setattr(utils.training.device, "resolve_device", lambda name: torch.device("cuda", 0))
     torch.set_float32_matmul_precision("high" if not tf32 else "highest")  # the opposite, so that it must change
     assert prepare_device("auto", 8, tf32=tf32).type == "cuda"
     assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")

@@ -1,4 +1,4 @@
-"""The fast path and torchrun (utils/loop.py, utils/setup.py, utils/distributed.py): same numbers, more speed."""
+"""The fast path and torchrun (utils/training/: loop.py, setup.py, distributed.py): same numbers, more speed."""
 import copy
 import json
 import os
@@ -14,8 +14,8 @@ import train_standard
 from models import get_model
 from utils.attacks.base import bare_module
 from utils.attacks.pgd import pgd
-from utils.loop import FastPath
-from utils.setup import compiled, speed_up
+from utils.training.loop import FastPath
+from utils.training.setup import compiled, speed_up
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_bf16_autocast_stays_within_tolerance():
 
 
 def test_mi_scores_stay_fp32_under_autocast():
-    from utils.mi import scores
+    from utils.mi.bounds import scores
 
     local, glob = torch.randn(4, 8, 5), torch.randn(4, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -156,7 +156,7 @@ def test_torchrun_training_run_writes_once_and_resumes(tmp_path):
 def _briefly_trained_target(path, test_split) -> torch.Tensor:
     """Save a SmallCNN trained for 16 clean steps on synthetic data, so that both halves of the
     evaluation split hold correctly classified images; return its clean hits on ``test_split``."""
-    from utils.data import load_splits
+    from utils.data.loaders import load_splits
 
     train = load_splits("synthetic", "data", train_limit=256, test_limit=1, val_size=0, seed=0)[0]["train"]
     torch.manual_seed(0)
@@ -179,8 +179,8 @@ def test_torchrun_stage2_and_stage3(tmp_path, script, extra):
     target is frozen, so its clean evaluation, split over the two processes, must give one process's
     counts exactly: every test image counted once (sharded), and the Fig. 4 table summed over both."""
     from models.estimator import build_estimator
-    from utils.data import load_splits
-    from utils.estimators import save_estimators
+    from utils.data.loaders import load_splits
+    from utils.mi.estimators import save_estimators
 
     common = ["--dataset", "synthetic", "--arch", "smallcnn", "--train-limit", "64", "--test-limit", "32",
               "--batch-size", "32", "--epochs", "1", "--num-steps", "1", "--eval-steps", "1", "--va-hsize", "16",
@@ -273,7 +273,7 @@ def test_average_gradients_in_buckets_equals_one_all_reduce_per_parameter(tmp_pa
 
 
 def test_buckets_group_consecutive_tensors_of_one_dtype_within_the_limit():
-    from utils.distributed import buckets
+    from utils.training.distributed import buckets
 
     f32 = [torch.zeros(n) for n in (10, 10, 30, 5)]  # 40, 40, 120, 20 bytes
     f64 = torch.zeros(2, dtype=torch.float64)
@@ -285,7 +285,7 @@ def test_buckets_group_consecutive_tensors_of_one_dtype_within_the_limit():
 
 def test_init_binds_the_process_group_to_this_gpu(monkeypatch):
     """On CUDA, init_process_group gets device_id = this process's GPU where PyTorch takes it (≥ 2.3)."""
-    from utils import distributed
+    from utils.training import distributed
 
     calls = []
     monkeypatch.setattr(distributed, "_CONTEXT", distributed.Context())  # restored afterwards
@@ -318,9 +318,9 @@ def test_init_binds_the_process_group_to_this_gpu(monkeypatch):
 
 @pytest.mark.parametrize("saved_ranks", [2, None])  # another process count; a last.pth without per-process states
 def test_resume_under_another_process_count_gives_each_process_its_own_noise(monkeypatch, tmp_path, saved_ranks):
-    from utils import distributed
-    from utils.device import rng_state
-    from utils.run import Run
+    from utils.training import distributed
+    from utils.training.device import rng_state
+    from utils.training.run import Run
 
     torch.manual_seed(0)
     first = rng_state()
@@ -338,9 +338,9 @@ def test_resume_under_another_process_count_gives_each_process_its_own_noise(mon
 
 
 def test_resume_under_the_same_process_count_restores_each_process_its_state(monkeypatch, tmp_path):
-    from utils import distributed
-    from utils.device import rng_state
-    from utils.run import Run
+    from utils.training import distributed
+    from utils.training.device import rng_state
+    from utils.training.run import Run
 
     states = []
     for seed in (10, 11):

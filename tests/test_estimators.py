@@ -1,4 +1,4 @@
-"""Building, feeding, saving and loading the pair of MI estimators (utils/estimators.py)."""
+"""Building, feeding, saving and loading the pair of MI estimators (utils/mi/estimators.py)."""
 import argparse
 import json
 
@@ -7,7 +7,8 @@ import torch
 
 from models import get_model
 from models.estimator import build_estimator
-from utils.estimators import (
+from utils.data.splits import DatasetInfo
+from utils.mi.estimators import (
     build_one_estimator,
     check_stage2_flags,
     internal_layer,
@@ -16,7 +17,6 @@ from utils.estimators import (
     target_outputs,
 )
 from utils.script import UserError
-from utils.splits import DatasetInfo
 
 # The release's file names (PAPER.md, README): _n holds E_n (natural), _a holds E_a (adversarial).
 RELEASE_FILES = {
@@ -56,7 +56,7 @@ def _assert_same_weights(module, state):
 @pytest.mark.parametrize("explicit", [False, True], ids=["mi_dir", "release_flags"])
 def test_save_and_load_keep_each_estimator_in_its_own_files(tmp_path, explicit):
     """E_n and E_a have the same shapes, so a swap on load would go unnoticed by shape checks."""
-    from utils.estimators import load_estimators, save_estimators
+    from utils.mi.estimators import load_estimators, save_estimators
 
     saved = _distinct_estimators(1)
     for name in ("local", "global"):

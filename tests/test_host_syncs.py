@@ -11,7 +11,7 @@ Budgets, per training step / per evaluation batch:
 - stage 3 (train_MIAT.py, NAMID, NAMID-T, with --mi-grad-clip): 0 / 0, the measured batches of
   the gradient balance included (read once at the epoch's end); --release-passes: 1 per step
   (whether W is empty picks the release's passes);
-- test_comparison.py's engine (utils/evaluation.py), PGD and L2 PGD, white-box and transfer:
+- test_comparison.py's engine (utils/evaluation/engine.py), PGD and L2 PGD, white-box and transfer:
   0 per batch of the clean pass and of each attack (its timings wait for the device with
   torch.cuda.synchronize, which is not a torch function and not counted)."""
 from collections import Counter
@@ -21,18 +21,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import utils.evaluation
-import utils.loop
-import utils.stage2
+import utils.evaluation.engine
+import utils.training.loop
+import utils.training.stage2
 from models import get_model
 from models.estimator import build_estimator
 from tests.helpers import Tiny, run_script, tiny_split
 from utils.attacks.registry import build_attack
-from utils.estimators import save_estimators
-from utils.eval_results import Report
+from utils.evaluation.results import Report
 from utils.host_syncs import HostSyncs
+from utils.mi.estimators import save_estimators
 
-LOOPS = (utils.loop, utils.stage2, utils.evaluation)
+LOOPS = (utils.training.loop, utils.training.stage2, utils.evaluation.engine)
 # 64 training images in batches of 16 (4 steps), 32 evaluation images (2 batches).
 COMMON = ["--dataset", "synthetic", "--arch", "smallcnn", "--train-limit", "64", "--test-limit", "32",
           "--batch-size", "16", "--epochs", "1", "--num-steps", "2", "--eval-steps", "2", "--epsilon", "0.1",
@@ -194,7 +194,7 @@ def test_stage3_steps_and_evaluation_batches(monkeypatch, capsys, tmp_path, mi_d
 def test_evaluation_engine_batches_make_no_host_sync(monkeypatch, transfer):
     torch.manual_seed(0)
     targets = {"a": Tiny().eval(), "b": Tiny().eval()}
-    engine = utils.evaluation.Evaluation(targets, tiny_split(48), batch_size=16, device="cpu",
+    engine = utils.evaluation.engine.Evaluation(targets, tiny_split(48), batch_size=16, device="cpu",
                                          surrogate=Tiny().eval() if transfer else None, progress=True,
                                          report=Report(echo=False))
     attacks = [build_attack("pgd3"), build_attack("l2-pgd3")]
@@ -215,7 +215,7 @@ def test_a_cuda_training_step_and_evaluation_batch_never_synchronise():
 
     import train_standard
     from utils.attacks.pgd import pgd
-    from utils.loop import evaluate
+    from utils.training.loop import evaluate
 
     torch.manual_seed(0)
     model = get_model("smallcnn", 10, 3).cuda()
@@ -237,7 +237,7 @@ def test_a_cuda_training_step_and_evaluation_batch_never_synchronise():
     torch.cuda.set_sync_debug_mode("error")
     try:
         step()
-        with utils.loop.eval_mode(model), torch.no_grad():
+        with utils.training.loop.eval_mode(model), torch.no_grad():
             (model(x).argmax(dim=1) == y).sum()
         pgd(model, x, y, 0.03, 0.01, 2, "linf")
     finally:

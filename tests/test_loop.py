@@ -1,4 +1,4 @@
-"""utils/loop.py: the ε schedule, the meters, one epoch's pass, and the one epoch loop."""
+"""utils/training/loop.py: the ε schedule, the meters, one epoch's pass, and the one epoch loop."""
 import json
 from types import SimpleNamespace
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils import loop
-from utils.loop import Meter, epsilon_at, fit, json_safe, target_steps
-from utils.run import Run
 from utils.script import Interrupted
+from utils.training import loop
+from utils.training.loop import Meter, epsilon_at, fit, json_safe, target_steps
+from utils.training.run import Run
 
 
 def test_json_safe_turns_nan_into_null():

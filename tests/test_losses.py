@@ -1,10 +1,10 @@
-"""Standard AT, TRADES and MART (utils/losses.py) against values computed by hand."""
+"""Standard AT, TRADES and MART (utils/training/losses.py) against values computed by hand."""
 import math
 
 import pytest
 import torch
 
-from utils.losses import adversarial_loss, mart_loss, trades_loss
+from utils.training.losses import adversarial_loss, mart_loss, trades_loss
 
 
 def softmax(row):

@@ -1,8 +1,8 @@
-"""utils/markdown.py: the one Markdown-table writer."""
+"""utils/evaluation/markdown.py: the one Markdown-table writer."""
 import pytest
 
 from tests.helpers import markdown_tables
-from utils.markdown import cell, markdown_table
+from utils.evaluation.markdown import cell, markdown_table
 
 
 def test_header_alignment_row_and_rows():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from utils.mi_objectives import (
+from utils.mi.objectives import (
     MITable,
     estimator_loss_max,
     estimator_loss_paper,
@@ -11,7 +11,7 @@ from utils.mi_objectives import (
     mi_table,
     safe_cosine,
 )
-from utils.patterns import Selection
+from utils.mi.patterns import Selection
 
 # Hand-built batch of 6: samples 0, 1 in R; 2, 3 in W; 4, 5 misclassified on x (outside C).
 T, F = True, False

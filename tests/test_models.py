@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import MODEL_NAMES, feature_shapes, get_model
-from utils.estimators import build_one_estimator, internal_layer, target_outputs
+from utils.mi.estimators import build_one_estimator, internal_layer, target_outputs
 
 # (input shape, num_classes) of MNIST-like, CIFAR-10, CIFAR-100 and Tiny-ImageNet data.
 DATASETS = [((1, 28, 28), 10), ((3, 32, 32), 10), ((3, 32, 32), 100), ((3, 64, 64), 200)]

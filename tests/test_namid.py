@@ -8,9 +8,9 @@ from models.estimator import build_estimator
 from tests.test_mi_objectives import COS_A_W, COS_N_W, SEL, _close, _vectors
 from utils import namid
 from utils.attacks.pgd import pgd
+from utils.mi.patterns import select_samples
+from utils.mi.release_compat import Quirks
 from utils.namid import freeze, namid_loss, namid_objective, wmim_objective
-from utils.patterns import select_samples
-from utils.release_compat import Quirks
 
 HSIZE = 16
 
@@ -217,7 +217,7 @@ def test_each_ablation_removes_exactly_its_terms():
 
 
 def _reference_l_adv(kind, logits_nat, logits_adv, y, beta):
-    from utils import losses
+    from utils.training import losses
 
     if kind == "trades":
         return losses.trades_loss(logits_nat, logits_adv, y, beta)
@@ -247,7 +247,7 @@ def test_adv_loss_flag_picks_l_adv(kind):
 @pytest.mark.parametrize("mode", ["dv", "nce"])
 def test_wmim_loss_is_l_adv_minus_alpha_times_mean_standard_mi(mode):
     """WMIM maximises Î(x̃; h(x̃)): the MI term enters the loss with a minus sign."""
-    from utils.mi import mi_per_sample
+    from utils.mi.bounds import mi_per_sample
 
     model, _, _, x, y = setup()
     std = freeze(build_estimator(3, 10, HSIZE))

@@ -1,6 +1,6 @@
 import torch
 
-from utils.patterns import Selection, attack_succeeded, masked_mean, predict, select_samples, split_patterns
+from utils.mi.patterns import Selection, attack_succeeded, masked_mean, predict, select_samples, split_patterns
 
 
 def test_split_patterns_detached():

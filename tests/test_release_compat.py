@@ -1,4 +1,4 @@
-"""utils/release_compat.py: the quirk flags, and the release's forward passes replayed for BatchNorm."""
+"""utils/mi/release_compat.py: the quirk flags, and the release's forward passes replayed for BatchNorm."""
 import copy
 
 import pytest
@@ -9,14 +9,14 @@ import train_MI_estimator
 import train_MIAT
 from models import get_model
 from models.estimator import build_estimator
-from utils.namid import freeze, namid_objective
-from utils.release_compat import (
+from utils.mi.release_compat import (
     QUIRK_FLAGS,
     BatchNormReplay,
     Quirks,
     release_stage2_passes,
     release_stage3_passes,
 )
+from utils.namid import freeze, namid_objective
 
 QUIRK_NAMES = [flag.removeprefix("release-").replace("-", "_") for flag in QUIRK_FLAGS]
 

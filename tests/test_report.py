@@ -1,9 +1,16 @@
-"""utils/report.py: results.md with the mean over seeds, the ε-sweep and Fig. 4 tables, report.md."""
+"""utils/evaluation/report.py: results.md with the mean over seeds, the ε-sweep and Fig. 4 tables, report.md."""
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from utils.report import group_name, merge_results, mi_table_markdown, results_markdown, sweep_markdown, write_report
+from utils.evaluation.report import (
+    group_name,
+    merge_results,
+    mi_table_markdown,
+    results_markdown,
+    sweep_markdown,
+    write_report,
+)
 
 
 def test_results_markdown_gives_mean_and_std_over_seeds():

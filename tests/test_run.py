@@ -1,12 +1,12 @@
-"""utils/run.py: a run's start, end of epoch, resume and its refusals, and the Ctrl-C advice."""
+"""utils/training/run.py: a run's start, end of epoch, resume and its refusals, and the Ctrl-C advice."""
 import json
 
 import pytest
 import torch
 import torch.nn as nn
 
-from utils.run import Run, flags_of
 from utils.script import UserError
+from utils.training.run import Run, flags_of
 
 
 def make_run(folder, flags=None, **kw):

@@ -237,7 +237,7 @@ def test_release_preset_runs_the_release_settings_and_quirks(tmp_path, capsys):
     import train_MI_estimator
     import train_MI_estimator_only_max
     import train_MIAT
-    from utils.release_compat import Quirks
+    from utils.mi.release_compat import Quirks
 
     code, out, err = run_script(capsys, "run_pipeline", ["--preset", "release", "--out-dir", tmp_path, "--dry-run"])
     assert code == 0, err
@@ -262,9 +262,9 @@ def test_release_preset_refuses_what_the_release_never_ran(flags, tmp_path, caps
 
 
 def test_a_stage_stopped_by_its_collapse_guard_is_named(tmp_path, capsys, monkeypatch):
-    import utils.loop
+    import utils.training.loop
 
-    real = utils.loop.evaluate
+    real = utils.training.loop.evaluate
     calls = []
 
     def falls_in_stage_3(model, *a, **k):
@@ -272,7 +272,7 @@ def test_a_stage_stopped_by_its_collapse_guard_is_named(tmp_path, capsys, monkey
         stats = real(model, *a, **k)
         return {**stats, "clean_acc": 50.0 if len(calls) <= 2 else 5.0}  # stage 1's epoch, stage 3's first two
 
-    monkeypatch.setattr(utils.loop, "evaluate", falls_in_stage_3)
+    monkeypatch.setattr(utils.training.loop, "evaluate", falls_in_stage_3)
     argv = [*TINY, "--out-dir", tmp_path, "--stage3-args", "--epochs 2"]
     code, _, err = run_script(capsys, "run_pipeline", argv)
     lines = err.strip().splitlines()

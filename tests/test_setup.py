@@ -1,10 +1,10 @@
-"""utils/setup.py: the shared setup of the training stages, and their models."""
+"""utils/training/setup.py: the shared setup of the training stages, and their models."""
 from types import SimpleNamespace
 
 import torch
 
 from models import get_model
-from utils.setup import fresh_model, frozen_target, setup, sgd
+from utils.training.setup import fresh_model, frozen_target, setup, sgd
 
 
 def flags(tmp_path, **kw):
@@ -48,11 +48,11 @@ def test_fresh_model_sgd_and_frozen_target(tmp_path):
 
 
 def test_setup_passes_tf32_to_the_device(tmp_path, monkeypatch):
-    import utils.setup
+    import utils.training.setup
 
     seen = []
-    real = utils.setup.prepare_device
-    monkeypatch.setattr(utils.setup, "prepare_device", lambda *a, **k: seen.append(k["tf32"]) or real(*a, **k))
+    real = utils.training.setup.prepare_device
+    monkeypatch.setattr(utils.training.setup, "prepare_device", lambda *a, **k: seen.append(k["tf32"]) or real(*a, **k))
     setup(flags(tmp_path, tf32=True))
     setup(flags(tmp_path))
     assert seen == [True, False]

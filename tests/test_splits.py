@@ -1,9 +1,9 @@
-"""utils/splits.py: a split held in memory."""
+"""utils/data/splits.py: a split held in memory."""
 
 import torch
 
-from tests.test_data import indexed_split
-from utils.data import BatchLoader
+from tests.test_data_loaders import indexed_split
+from utils.data.loaders import BatchLoader
 
 
 def test_split_to_device_and_loader_device():

@@ -1,4 +1,4 @@
-"""What the two stage-2 scripts share (utils/stage2.py): the adversarial batch, the four MI
+"""What the two stage-2 scripts share (utils/training/stage2.py): the adversarial batch, the four MI
 vectors, the release's BatchNorm passes, the evaluation's table, the one-line summary and the
 bar chart. The scripts themselves are tested in tests/test_train_MI_estimator.py."""
 import argparse
@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-import utils.stage2 as stage2
+import utils.training.stage2 as stage2
 from models import get_model
 from models.estimator import build_estimator
 from tests.test_release_compat import _same_bn
-from utils.mi_objectives import MITable
-from utils.patterns import select_samples
-from utils.release_compat import Quirks
-from utils.stage2 import AdvBatch, ReleasePasses, mi_vectors
+from utils.mi.objectives import MITable
+from utils.mi.patterns import select_samples
+from utils.mi.release_compat import Quirks
+from utils.training.stage2 import AdvBatch, ReleasePasses, mi_vectors
 
 
 def test_mi_vectors_reuse_local_features_and_match_mi():

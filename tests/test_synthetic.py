@@ -1,9 +1,9 @@
-"""utils/synthetic.py: seeded class-conditional test images."""
+"""utils/data/synthetic.py: seeded class-conditional test images."""
 
 import torch
 
-from tests.test_data import synthetic
-from utils.splits import DatasetInfo
+from tests.test_data_loaders import synthetic
+from utils.data.splits import DatasetInfo
 
 
 def test_synthetic_shapes_dtypes_range():

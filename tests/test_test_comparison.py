@@ -17,10 +17,10 @@ import train_standard
 from models import get_model
 from tests.helpers import assert_user_error, markdown_tables, run_script
 from utils.attacks.registry import build_attack, robust_mask
-from utils.data import load_splits
-from utils.device import seed_everything
-from utils.eval_results import Report, first_examples
-from utils.evaluation import Evaluation
+from utils.data.loaders import load_splits
+from utils.evaluation.engine import Evaluation
+from utils.evaluation.results import Report, first_examples
+from utils.training.device import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 # Under pytest this file is the module "test_comparison", so the script is loaded by another name.

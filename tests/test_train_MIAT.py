@@ -7,7 +7,7 @@ import torch
 import train_MIAT
 from models.estimator import build_estimator
 from tests.helpers import assert_user_error, run_script, spy_on_pgd
-from utils.estimators import save_estimators
+from utils.mi.estimators import save_estimators
 
 HSIZE = 16
 BASE = ["--dataset", "synthetic", "--arch", "smallcnn", "--train-limit", "64", "--test-limit", "32",
@@ -253,14 +253,14 @@ def test_the_cap_bounds_every_step_of_a_run(mi_dir, tmp_path, capsys):
 
 
 def test_collapse_guard_stops_the_run_and_keeps_its_files(mi_dir, tmp_path, capsys, monkeypatch):
-    import utils.loop
+    import utils.training.loop
 
     clean = iter([40.0, 55.0, 9.0, 9.0])  # the third epoch falls to chance
 
     def fake_evaluate(*a, **k):
         return {"clean_acc": next(clean), "pgd_acc": 5.0}
 
-    monkeypatch.setattr(utils.loop, "evaluate", fake_evaluate)
+    monkeypatch.setattr(utils.training.loop, "evaluate", fake_evaluate)
     out = tmp_path / "run"
     guarded = [a for a in BASE if a != "--no-collapse-guard"]
     argv = [*guarded, "--epochs", "4", "--warm-up-epochs", "1", "--mi-dir", mi_dir, "--model-dir", out]

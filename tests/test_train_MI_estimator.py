@@ -8,11 +8,11 @@ import torch
 import train_MI_estimator
 import train_MI_estimator_only_max
 import train_standard
-import utils.stage2 as stage2
+import utils.training.stage2 as stage2
 from models import get_model
 from tests.helpers import assert_user_error, run_script
-from utils.mi_objectives import estimator_loss_max, estimator_loss_paper, estimator_loss_release
-from utils.patterns import Selection, attack_succeeded, select_samples
+from utils.mi.objectives import estimator_loss_max, estimator_loss_paper, estimator_loss_release
+from utils.mi.patterns import Selection, attack_succeeded, select_samples
 
 TINY = ["--dataset", "synthetic", "--arch", "smallcnn", "--train-limit", "32", "--test-limit", "32",
         "--batch-size", "16", "--va-hsize", "32", "--num-steps", "2", "--epsilon", "0.1", "--no-progress"]

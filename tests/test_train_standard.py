@@ -69,7 +69,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, capsys, mon
     assert code == 0, err
 
     # Crash in the middle of epoch 3: the loop dies after a few batches.
-    import utils.loop as loop
+    import utils.training.loop as loop
 
     real = loop.train_epoch
     calls = {"n": 0}
@@ -181,7 +181,7 @@ def test_curves_that_cannot_be_written_cost_no_epoch(tmp_path, capsys):
 
 
 def test_ctrl_c_advises_resume_only_when_an_epoch_was_kept(tmp_path, capsys, monkeypatch):
-    import utils.loop as loop
+    import utils.training.loop as loop
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -196,7 +196,7 @@ def test_ctrl_c_advises_resume_only_when_an_epoch_was_kept(tmp_path, capsys, mon
 
 
 def test_ctrl_c_while_the_first_epoch_is_saved_advises_overwrite(tmp_path, capsys, monkeypatch):
-    import utils.run as run_module
+    import utils.training.run as run_module
 
     real = run_module.atomic_save
 
@@ -217,7 +217,7 @@ def test_ctrl_c_while_the_first_epoch_is_saved_advises_overwrite(tmp_path, capsy
 def test_overwrite_drops_the_old_last_pth_at_once(tmp_path, capsys, monkeypatch):
     """A Ctrl-C in the first epoch of an --overwrite run must not leave the replaced run's
     last.pth to be resumed as if it were this run's."""
-    import utils.loop as loop
+    import utils.training.loop as loop
 
     code, _, err = run_script(capsys, "train_standard", [*TINY, "--epochs", "2", "--model-dir", tmp_path])
     assert code == 0, err
@@ -271,12 +271,12 @@ def test_fresh_start_refuses_a_folder_holding_a_run(tmp_path, capsys):
 
 def test_unwritable_model_dir_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     (tmp_path / "a_file").write_text("")
-    import utils.setup
+    import utils.training.setup
 
     def no_loading(*a, **k):
         raise AssertionError("data loaded before --model-dir was checked")
 
-    monkeypatch.setattr(utils.setup, "load_splits", no_loading)
+    monkeypatch.setattr(utils.training.setup, "load_splits", no_loading)
     argv = [*SYNTH, "--epochs", "1", "--model-dir", tmp_path / "a_file"]
     assert_user_error(run_script(capsys, "train_standard", argv), "--model-dir", "a_file")
 
@@ -369,7 +369,7 @@ def test_loss_flag_picks_the_objective(kind):
     from types import SimpleNamespace
 
     from models import get_model
-    from utils import losses
+    from utils.training import losses
 
     torch.manual_seed(1)
     model = get_model("smallcnn", 10, 3)
@@ -411,7 +411,7 @@ def _scripted_scores(monkeypatch, scores):
     """Replace the per-epoch evaluation by the given PGD accuracies, one per call, in order.
 
     Returns (scores left, number of images in each evaluation loader)."""
-    import utils.loop as loop
+    import utils.training.loop as loop
 
     left = list(scores)
     sizes = []
@@ -454,7 +454,7 @@ def test_best_model_is_the_best_scoring_epoch_on_the_selection_split(val_size, s
 def test_resume_keeps_the_best_model_of_the_epochs_before_the_crash(tmp_path, capsys, monkeypatch):
     """Epoch 1 scores best; the run is interrupted after it and resumed: the worse epochs 2 and 3 must not
     replace best_model.pth, as they do not in an uninterrupted run."""
-    import utils.loop as loop
+    import utils.training.loop as loop
 
     # The two runs' epoch-1 weights are compared to the bit: on the CPU, whose kernels are deterministic.
     common = [*TINY, "--epochs", "3", "--save-freq", "1", "--device", "cpu"]

@@ -9,8 +9,8 @@ from fractions import Fraction
 from typing import Optional
 
 from models import MODEL_NAMES
-from utils.data import DATASETS
-from utils.mi import resolve_mode
+from utils.data.loaders import DATASETS
+from utils.mi.bounds import resolve_mode
 
 
 class Parser(argparse.ArgumentParser):

@@ -13,15 +13,15 @@ import torch
 import torch.nn as nn
 
 from models.estimator import MIEstimator
-from utils import distributed
-from utils.balance import grad_balance
-from utils.checkpoint import run_config
-from utils.estimators import build_one_estimator, load_estimators, target_outputs
-from utils.losses import adversarial_loss
-from utils.mi import mi_per_sample
-from utils.mi_objectives import if_nonempty, restrict, safe_cosine, set_size
-from utils.patterns import masked_mean, select_samples, split_patterns
-from utils.release_compat import NONE, BatchNormReplay, Quirks, release_stage3_passes
+from utils.mi.bounds import mi_per_sample
+from utils.mi.estimators import build_one_estimator, load_estimators, target_outputs
+from utils.mi.objectives import if_nonempty, restrict, safe_cosine, set_size
+from utils.mi.patterns import masked_mean, select_samples, split_patterns
+from utils.mi.release_compat import NONE, BatchNormReplay, Quirks, release_stage3_passes
+from utils.training import distributed
+from utils.training.balance import grad_balance
+from utils.training.checkpoint import run_config
+from utils.training.losses import adversarial_loss
 
 Tensor = torch.Tensor
 
@@ -77,7 +77,7 @@ def namid_objective(model: nn.Module, est_n: MIEstimator, est_a: MIEstimator, x:
     ``layer``: the target layer the global nets read (None: the logits). ``quirks`` switches
     on the release's numerics (PAPER.md §10). ``measure_grads`` adds ‖∇θ L_adv‖,
     ‖∇θ α·L_mi‖, their ratio and cosine to the scalars; ``mi_grad_clip`` ρ scales the MI
-    gradient to at most ρ·‖∇θ L_adv‖ (``utils.balance.grad_balance``; off: the paper's
+    gradient to at most ρ·‖∇θ L_adv‖ (``utils.training.balance.grad_balance``; off: the paper's
     objective). Returns (L_all, logits of x̃, scalars)."""
     replay = BatchNormReplay(model) if quirks.passes else None
     logits_nat, g_nat = target_outputs(model, x, layer)

@@ -4,8 +4,8 @@ import math
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
-from utils.balance import BALANCE_LIMIT
-from utils.checkpoint import atomic_write
+from utils.training.balance import BALANCE_LIMIT
+from utils.training.checkpoint import atomic_write
 
 
 def pyplot():

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from utils import distributed
-from utils.splits import DataError
+from utils.data.splits import DataError
+from utils.training import distributed
 
 
 class UserError(Exception):
@@ -15,7 +15,7 @@ class UserError(Exception):
 
 
 class Collapsed(UserError):
-    """A training run stopped by its collapse guard (utils/balance.py); exit status 3."""
+    """A training run stopped by its collapse guard (utils/training/balance.py); exit status 3."""
 
 
 class Interrupted(Exception):

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from utils.splits import DataError, DatasetInfo, Split, default_crop_padding
+from utils.data.splits import DataError, DatasetInfo, Split, default_crop_padding
 
 # Where `apt-get install dataset-fashion-mnist` puts the idx files.
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

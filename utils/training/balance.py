@@ -11,8 +11,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 import torch.nn as nn
 
-from utils import distributed
 from utils.script import Collapsed
+from utils.training import distributed
 
 Tensor = torch.Tensor
 

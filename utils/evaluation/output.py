@@ -4,8 +4,8 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from utils.attacks.registry import Attack
-from utils.eval_results import ModelResult, accuracy
-from utils.markdown import markdown_table
+from utils.evaluation.markdown import markdown_table
+from utils.evaluation.results import ModelResult, accuracy
 from utils.plots import pyplot, save_figure
 
 

@@ -11,11 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import distributed
 from utils.attacks.base import unwrap
 from utils.attacks.pgd import pgd
-from utils.run import Run
 from utils.script import Interrupted, UserError
+from utils.training import distributed
+from utils.training.run import Run
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple]
 

@@ -7,9 +7,9 @@ from typing import Dict, List
 
 import torch
 
-from utils.checkpoint import atomic_write_text, metrics_records
-from utils.eval_output import examples_text
-from utils.markdown import markdown_table
+from utils.evaluation.markdown import markdown_table
+from utils.evaluation.output import examples_text
+from utils.training.checkpoint import atomic_write_text, metrics_records
 
 # The paper's Table 1 rows (PAPER.md §8), accuracy in %: None, PGD-40, AA, FWA-40, TI-DIM.
 PAPER_LINF = {

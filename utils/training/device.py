@@ -6,8 +6,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from utils import distributed
 from utils.script import UserError
+from utils.training import distributed
 
 
 def resolve_device(name: str) -> torch.device:

@@ -9,9 +9,12 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from utils import distributed
 from utils.attacks.base import bare_module
-from utils.checkpoint import (
+from utils.mi.release_compat import QUIRK_DEFAULTS
+from utils.plots import plot_curves
+from utils.script import NOTHING_TO_RESUME, UserError
+from utils.training import distributed
+from utils.training.checkpoint import (
     atomic_save,
     atomic_write_text,
     load_checkpoint,
@@ -19,10 +22,7 @@ from utils.checkpoint import (
     state_dict,
     strip_prefixes,
 )
-from utils.device import rng_state, set_rng_state
-from utils.plots import plot_curves
-from utils.release_compat import QUIRK_DEFAULTS
-from utils.script import NOTHING_TO_RESUME, UserError
+from utils.training.device import rng_state, set_rng_state
 
 # Flags that do not change what a run computes (or say how long it runs): --resume may change them.
 RESUME_MAY_CHANGE = frozenset({"epochs", "resume", "overwrite", "no_progress", "device", "model_dir", "data_dir",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from utils.splits import DataError, DatasetInfo, Split, default_crop_padding, seeded
+from utils.data.splits import DataError, DatasetInfo, Split, default_crop_padding, seeded
 
 
 def synthetic_info(shape, classes: int) -> DatasetInfo:

@@ -1,6 +1,6 @@
-"""utils/eval_output.py: the evaluation's Markdown tables and the spelling of budgets."""
+"""utils/evaluation/output.py: the evaluation's Markdown tables and the spelling of budgets."""
 from tests.helpers import markdown_tables, model_result
-from utils.eval_output import format_epsilon, results_table
+from utils.evaluation.output import format_epsilon, results_table
 
 
 def test_markdown_table_and_epsilon_format():

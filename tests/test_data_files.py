@@ -1,4 +1,4 @@
-"""utils/dataset_files.py and data/make_npy.py: the release's .npy files, idx files and
+"""utils/data/files.py and data/make_npy.py: the release's .npy files, idx files and
 (Fashion-)MNIST, CIFAR and SVHN through torchvision, Tiny-ImageNet folders."""
 
 import gzip
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from tests.conftest import FASHION_DIR, HAVE_FASHION
-from tests.test_data import synthetic
-from utils import dataset_files as files
-from utils.data import dataset_info, load_splits
-from utils.dataset_files import read_idx
-from utils.splits import DataError, DatasetInfo
+from tests.test_data_loaders import synthetic
+from utils.data import files
+from utils.data.files import read_idx
+from utils.data.loaders import dataset_info, load_splits
+from utils.data.splits import DataError, DatasetInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 

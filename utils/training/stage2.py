@@ -10,7 +10,6 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from models.estimator import MIEstimator
-from utils import distributed
 from utils.attacks.pgd import pgd
 from utils.cli import (
     Parser,
@@ -26,14 +25,13 @@ from utils.cli import (
     finish_estimator_args,
     number,
 )
-from utils.data import BatchLoader
-from utils.estimators import internal_layer, target_outputs
-from utils.loop import FastPath, StepFn, eval_mode, fit, format_metrics
-from utils.mi import mi_per_sample
-from utils.mi_objectives import MITable
-from utils.patterns import select_samples, split_patterns
-from utils.plots import pyplot, save_figure
-from utils.release_compat import (
+from utils.data.loaders import BatchLoader
+from utils.data.splits import DatasetInfo
+from utils.mi.bounds import mi_per_sample
+from utils.mi.estimators import internal_layer, target_outputs
+from utils.mi.objectives import MITable
+from utils.mi.patterns import select_samples, split_patterns
+from utils.mi.release_compat import (
     NONE,
     BatchNormReplay,
     Quirks,
@@ -41,9 +39,11 @@ from utils.release_compat import (
     finish_release_args,
     release_stage2_passes,
 )
-from utils.run import Run
-from utils.setup import frozen_target, setup
-from utils.splits import DatasetInfo
+from utils.plots import pyplot, save_figure
+from utils.training import distributed
+from utils.training.loop import FastPath, StepFn, eval_mode, fit, format_metrics
+from utils.training.run import Run
+from utils.training.setup import frozen_target, setup
 
 Tensor = torch.Tensor
 
@@ -88,7 +88,7 @@ def finish_stage2_args(p: Parser, args: argparse.Namespace) -> argparse.Namespac
 # --------------------------------------------------------------------------- setup
 
 class Setup(NamedTuple):
-    """The shared setup (``utils.setup.setup``) with stage 2's frozen target and the layer its global nets read."""
+    """The shared setup (``training.setup.setup``) with stage 2's frozen target and the layer its global nets read."""
     device: torch.device
     info: DatasetInfo
     train_loader: BatchLoader
@@ -99,7 +99,7 @@ class Setup(NamedTuple):
 
 
 def prepare(args: argparse.Namespace) -> Setup:
-    """Seed, load the data, build the loaders (``utils.setup.setup``), and load the frozen target
+    """Seed, load the data, build the loaders (``utils.training.setup.setup``), and load the frozen target
     (eval mode, no gradients). Under torchrun each process takes its shard of every training batch
     (--batch-size is the global batch) and of the evaluation split; the estimators see the inputs
     augmented as in stage 1, as the target was trained on them."""
@@ -277,7 +277,7 @@ def estimator_run(args, setup: Setup, estimators: nn.ModuleDict) -> Run:
 
 def fit_estimators(run: Run, first_epoch: int, args, setup: Setup, estimators: nn.ModuleDict, step: StepFn,
                    evaluate: Callable[[], Dict[str, float]], best: Dict[str, nn.Module]) -> None:
-    """``utils.loop.fit`` for stage 2: only ``estimators`` is put in train mode (the target stays
+    """``utils.training.loop.fit`` for stage 2: only ``estimators`` is put in train mode (the target stays
     frozen in eval mode); each epoch writes the table to metrics.jsonl and mi_table.png."""
     def show(record):
         plot_mi_table(record, run.dir / "mi_table.png")

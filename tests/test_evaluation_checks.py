@@ -1,9 +1,9 @@
-"""utils/eval_checks.py: the trust checks on per-model results and on tiny hand-made models."""
+"""utils/evaluation/checks.py: the trust checks on per-model results and on tiny hand-made models."""
 import torch
 
 from tests.helpers import Tiny, model_result, tiny_split
 from utils.attacks.registry import build_attack
-from utils.eval_checks import check_results, check_sweep, zero_gradient_fraction
+from utils.evaluation.checks import check_results, check_sweep, zero_gradient_fraction
 
 
 def test_zero_gradient_fraction():

@@ -11,8 +11,8 @@ import torch.nn as nn
 from models import feature_shapes
 from models.estimator import MIEstimator, build_estimator
 from utils.attacks.base import bare_module
-from utils.checkpoint import atomic_save, load_weights, run_config
 from utils.script import UserError
+from utils.training.checkpoint import atomic_save, load_weights, run_config
 
 ESTIMATOR_FILES = {
     ("natural", "local"): "local_n_model.pth",

@@ -1,7 +1,7 @@
 """Datasets held in memory as uint8 tensors, and a batch loader that augments on the device.
 
 Every dataset becomes a :class:`Split` of uint8 images (N, C, H, W) and int64 labels (N,),
-read by :mod:`utils.dataset_files` or drawn by :mod:`utils.synthetic`; :func:`load_splits`
+read by :mod:`utils.data.files` or drawn by :mod:`utils.data.synthetic`; :func:`load_splits`
 keeps seeded subsets and holds out a validation split. :class:`BatchLoader` shuffles, shards
 across ranks, random-crops and flips as batched tensor ops, and hands out float32 images in
 [0, 1] (the paper uses no normalisation layer, §7)."""
@@ -14,9 +14,9 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from utils.dataset_files import LOADERS, STATIC_INFO, npy_info, npy_splits, read_npy
-from utils.splits import DataError, DatasetInfo, Split, seeded
-from utils.synthetic import make_synthetic, synthetic_info
+from utils.data.files import LOADERS, STATIC_INFO, npy_info, npy_splits, read_npy
+from utils.data.splits import DataError, DatasetInfo, Split, seeded
+from utils.data.synthetic import make_synthetic, synthetic_info
 
 DATASETS = ("cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "tiny-imagenet", "npy", "synthetic")
 

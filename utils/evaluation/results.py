@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from utils.attacks.base import lp_norm, unwrap
 from utils.attacks.registry import BUDGET_TOL, Attack
-from utils.splits import Split
+from utils.data.splits import Split
 
 # ---------------------------------------------------------------- warnings
 

@@ -7,12 +7,12 @@ import torch._functorch.config as functorch_config
 import torch.nn as nn
 
 from models import get_model
-from utils import distributed
-from utils.checkpoint import load_weights, writable_dir
-from utils.data import BatchLoader, load_splits
-from utils.device import prepare_device, seed_everything
+from utils.data.loaders import BatchLoader, load_splits
+from utils.data.splits import DatasetInfo
 from utils.script import UserError
-from utils.splits import DatasetInfo
+from utils.training import distributed
+from utils.training.checkpoint import load_weights, writable_dir
+from utils.training.device import prepare_device, seed_everything
 
 
 class Setup(NamedTuple):
@@ -93,7 +93,7 @@ def compiled(model: nn.Module, backend: str = "inductor") -> nn.Module:
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 32))
-    # The gradient balance (utils.losses.grad_balance) differentiates a step's graph with
+    # The gradient balance (utils.training.losses.grad_balance) differentiates a step's graph with
     # retain_graph=True before the step's backward; AOTAutograd's donated buffers would free the
     # saved tensors at the first of those calls, and refuse them.
     if hasattr(functorch_config, "donated_buffer"):

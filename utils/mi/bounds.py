@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from utils.release_compat import NONE, Quirks
+from utils.mi.release_compat import NONE, Quirks
 
 MI_MODES = ("dv", "jsd", "nce")
 

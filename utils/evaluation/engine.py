@@ -1,9 +1,9 @@
 """The evaluation engine behind test_comparison.py (PAPER.md §7).
 
 Every attack runs over the same examples, in the same batches; each model's clean
-predictions are computed once and reused. Per-model results live in ``utils.eval_results``,
-the trust checks run on them in ``utils.eval_checks``, and the tables, JSON and plot that
-report them are made by ``utils.eval_output``."""
+predictions are computed once and reused. Per-model results live in ``utils.evaluation.results``,
+the trust checks run on them in ``utils.evaluation.checks``, and the tables, JSON and plot that
+report them are made by ``utils.evaluation.output``."""
 import dataclasses
 import math
 import time
@@ -14,9 +14,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from utils.attacks.registry import Attack
-from utils.data import BatchLoader
-from utils.device import seed_everything
-from utils.eval_checks import (
+from utils.data.loaders import BatchLoader
+from utils.data.splits import Split
+from utils.evaluation.checks import (
     check_eval_mode,
     check_output_range,
     check_randomness,
@@ -24,8 +24,8 @@ from utils.eval_checks import (
     check_sweep,
     check_zero_gradients,
 )
-from utils.eval_results import ModelResult, Report, attack_outcome, forward_warnings
-from utils.splits import Split
+from utils.evaluation.results import ModelResult, Report, attack_outcome, forward_warnings
+from utils.training.device import seed_everything
 
 # ---------------------------------------------------------------- the engine
 

@@ -1,17 +1,17 @@
-"""utils/evaluation.py: the engine's counting (white-box and transfer), the ε sweep's numbers, and
+"""utils/evaluation/engine.py: the engine's counting (white-box and transfer), the ε sweep's numbers, and
 the trust checks as it runs them, on tiny hand-made models."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import utils.evaluation
+import utils.evaluation.engine
 from tests.helpers import Tiny, markdown_tables, tiny_split
 from utils.attacks.registry import Attack, build_attack
-from utils.eval_output import results_json, sweep_table
-from utils.eval_results import Report
-from utils.evaluation import Evaluation
-from utils.splits import Split
+from utils.data.splits import Split
+from utils.evaluation.engine import Evaluation
+from utils.evaluation.output import results_json, sweep_table
+from utils.evaluation.results import Report
 
 
 def test_white_box_attacks_whole_batches_and_masks_the_clean_mistakes():
@@ -46,9 +46,9 @@ def test_white_box_attacks_whole_batches_and_masks_the_clean_mistakes():
 def test_the_split_moves_to_the_device_once(monkeypatch):
     """Every pass (the checks, each target's clean pass, each attack) batches the one device copy."""
     moved, passes = [], []
-    real_to, real_loader = Split.to, utils.evaluation.BatchLoader
+    real_to, real_loader = Split.to, utils.evaluation.engine.BatchLoader
     monkeypatch.setattr(Split, "to", lambda split, device: moved.append(torch.device(device)) or real_to(split, device))
-    monkeypatch.setattr(utils.evaluation, "BatchLoader",
+    monkeypatch.setattr(utils.evaluation.engine, "BatchLoader",
                         lambda split, *a, **k: passes.append(split) or real_loader(split, *a, **k))
     engine = Evaluation({"a": Tiny().eval(), "b": Tiny().eval()}, tiny_split(32), batch_size=16, device="cpu",
                         progress=False, report=Report(echo=False))

@@ -6,7 +6,7 @@ All functions are pure functions of per-sample MI vectors (shape (N,), from ``mi
     mi_n_adv = Î_n(x, h(x̃))     natural MI of the adversarial input
     mi_a_nat = Î_a(n, h(x))     adversarial MI of the natural input
     mi_a_adv = Î_a(n, h(x̃))     adversarial MI of the adversarial input
-and boolean masks from ``utils.patterns.select_samples``. In the paper's notation
+and boolean masks from ``utils.mi.patterns.select_samples``. In the paper's notation
 a_n(v) = −Î_n(x, h(v)) and a_a(v) = −Î_a(n, h(v)); "v|S" is the batch vector zeroed outside S.
 No function divides by an empty set or returns NaN; an empty set gives a zero that is still
 attached to the inputs' graph, so ``loss.backward()`` always works.
@@ -15,8 +15,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from utils import distributed
-from utils.patterns import Selection, masked_mean
+from utils.mi.patterns import Selection, masked_mean
+from utils.training import distributed
 
 Tensor = torch.Tensor
 
@@ -106,7 +106,7 @@ def estimator_loss_max(
     """Paper Eq. 4 ("MIM") as losses (loss for E_n, loss for E_a); 0 for an empty set (§5).
 
     E_n maximises mean_C Î_n(x, h(x)); E_a maximises Î_a(n, h(x̃)) averaged over ``fooled``,
-    the samples whose attack succeeded (pred(x̃) ≠ y, ``utils.patterns.attack_succeeded``)."""
+    the samples whose attack succeeded (pred(x̃) ≠ y, ``utils.mi.patterns.attack_succeeded``)."""
     return -masked_mean(mi_n_nat, correct), -masked_mean(mi_a_adv, fooled)
 
 

@@ -1,16 +1,16 @@
-"""utils/data.py: dataset names, limits and the validation hold-out, batching and augmentation."""
+"""utils/data/loaders.py: dataset names, limits and the validation hold-out, batching and augmentation."""
 
 import pytest
 import torch
 
-from utils import data as D
-from utils.data import (
+from utils.data import loaders as D
+from utils.data.loaders import (
     BatchLoader,
     crop_flip,
     dataset_info,
     load_splits,
 )
-from utils.splits import DataError, DatasetInfo, Split
+from utils.data.splits import DataError, DatasetInfo, Split
 
 
 def synthetic(**kw):
@@ -72,7 +72,7 @@ def test_limits_are_seeded_ordered_and_val_is_disjoint():
 
 def test_default_val_size_holds_out_1000_or_a_tenth():
     """val_size=None (the training scripts' default) holds out images for model selection."""
-    from utils.data import default_val_size
+    from utils.data.loaders import default_val_size
 
     assert default_val_size(50_000) == 1000 and default_val_size(6_000) == 600 and default_val_size(5) == 1
     splits, _ = synthetic(train_limit=50, val_size=None)

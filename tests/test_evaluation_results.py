@@ -1,11 +1,11 @@
-"""utils/eval_results.py: accuracies from per-example masks, the worst case, and the warnings report."""
+"""utils/evaluation/results.py: accuracies from per-example masks, the worst case, and the warnings report."""
 import logging
 import warnings
 
 import torch
 
 from tests.helpers import model_result
-from utils.eval_results import Report, accuracy, forward_warnings
+from utils.evaluation.results import Report, accuracy, forward_warnings
 
 
 def test_accuracy_is_exact_from_the_count():

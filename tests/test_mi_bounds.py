@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from models.estimator import GlobalEncoder, LocalEncoder
-from utils.mi import MI_MODES, mi_per_sample, resolve_mode, scores
+from utils.mi.bounds import MI_MODES, mi_per_sample, resolve_mode, scores
 
 # ---------------------------------------------------------------------------------------------
 # Known-MI problem: x, y ∈ R^D, y = ρx + sqrt(1 − ρ²)ε per dimension; I(x; y) = −(D/2)·log(1 − ρ²).
@@ -210,7 +210,7 @@ def _random_features(n=6, h=5, loc=4, scale=3.0, seed=0):
 
 
 def test_release_dv_is_ours_minus_the_closed_form_correction():
-    from utils.release_compat import Quirks
+    from utils.mi.release_compat import Quirks
 
     local, global_ = _random_features()
     ours = mi_per_sample(local, global_, "dv")
@@ -225,7 +225,7 @@ def test_release_dv_is_ours_minus_the_closed_form_correction():
 
 
 def test_release_dv_equals_the_positive_kept_as_a_zero_score():
-    from utils.release_compat import Quirks
+    from utils.mi.release_compat import Quirks
 
     local, global_ = _random_features(seed=1)
     u = scores(local, global_)
@@ -238,7 +238,7 @@ def test_release_dv_equals_the_positive_kept_as_a_zero_score():
 
 
 def test_release_nce_keeps_own_locations_at_minus_ten():
-    from utils.release_compat import Quirks
+    from utils.mi.release_compat import Quirks
 
     local, global_ = (t.double() for t in _random_features(n=4, loc=3, scale=0.5, seed=2))
     u = scores(local, global_)
@@ -263,7 +263,7 @@ def test_release_nce_keeps_own_locations_at_minus_ten():
 
 @pytest.mark.parametrize("mode", ["jsd", "nce"])
 def test_release_batch_bounds_give_every_sample_the_batch_mean(mode):
-    from utils.release_compat import Quirks
+    from utils.mi.release_compat import Quirks
 
     local, global_ = _random_features(seed=3)
     ours = mi_per_sample(local, global_, mode)
@@ -273,7 +273,7 @@ def test_release_batch_bounds_give_every_sample_the_batch_mean(mode):
 
 
 def test_release_batch_bounds_leave_dv_per_sample():
-    from utils.release_compat import Quirks
+    from utils.mi.release_compat import Quirks
 
     local, global_ = _random_features(seed=4)
     assert torch.equal(mi_per_sample(local, global_, "dv", quirks=Quirks(batch_bounds=True, nce_mask=True)),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from utils.attacks.base import attack_mode, unwrap
 from utils.attacks.registry import Attack
-from utils.eval_results import ModelResult, accuracy
+from utils.evaluation.results import ModelResult, accuracy
 
 # Above this fraction of zero input gradients in a batch, gradient attacks are blind there.
 # (AutoAttack warns on any; a few saturated softmaxes in a confident model are not masking.)
