@@ -13,7 +13,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import test_comparison
 import train_MI_estimator
@@ -89,7 +89,7 @@ def preset(name: str, data_dir: str) -> Dict[str, List[str]]:
 
 def route(extra: List[str], module) -> List[str]:
     """The flags of ``extra`` (with their values) that ``module``'s parser knows."""
-    known = module.build_parser()._option_string_actions
+    known = module.build_parser().flags
     routed, keep = [], False
     for token in extra:
         if token.startswith("--"):
@@ -104,7 +104,7 @@ def check_overrides(extra: List[str], modules) -> None:
     for token in extra:
         flag = token.split("=", 1)[0]
         if token.startswith("--"):
-            if not any(flag in m.build_parser()._option_string_actions for m in modules):
+            if not any(flag in m.build_parser().flags for m in modules):
                 raise UserError(f"{flag}: no stage of the pipeline knows this flag")
             after_flag = "=" not in token
             continue
@@ -121,6 +121,17 @@ def _is_number(text: str) -> bool:
     return True
 
 
+class Step(NamedTuple):
+    """One training stage of the pipeline: its label, script, preset section, run folder, the file
+    that marks it complete, and its own flags."""
+    label: str
+    module: object
+    stage: str
+    model_dir: Path
+    output: str
+    specific: Tuple[str, ...]
+
+
 class Pipeline:
     def __init__(self, args, extra: List[str]):
         self.args = args
@@ -128,7 +139,7 @@ class Pipeline:
         self.flags = preset(args.preset, args.data_dir)
         self.extra = extra
         self.log: List[Tuple[str, str, str]] = []  # the rows of report.md's stage table
-        self.steps: List[tuple] = []
+        self.steps: List[Step] = []
         self.commands: List[tuple] = []  # (script, argv) of every stage this invocation runs
 
     def argv(self, module, stage: str, *specific: str) -> List[str]:
@@ -140,10 +151,11 @@ class Pipeline:
         return [*common, *preset_flags, *specific, *route(self.extra, module), *per_stage]
 
     def add(self, label: str, module, stage: str, model_dir: Path, output: str, *specific: str) -> Path:
-        self.steps.append((label, module, stage, model_dir, output, specific))
+        self.steps.append(Step(label, module, stage, model_dir, output, specific))
         return model_dir / output
 
-    def run_stage(self, index: int, label: str, module, stage: str, model_dir: Path, output: str, specific) -> None:
+    def run_stage(self, index: int, step: Step) -> None:
+        label, module, stage, model_dir, output, specific = step
         argv = self.argv(module, stage, *specific, "--model-dir", str(model_dir))
         parsed = module.parse_args(argv)
         check_seed(model_dir, parsed.seed)
@@ -427,13 +439,13 @@ def main(argv=None):
     if not args.dry_run:
         writable_dir(out, "--out-dir")
     for index, step in enumerate(pipe.steps, 1):
-        pipe.run_stage(index, *step)
+        pipe.run_stage(index, step)
     pipe.evaluate(models)
     if args.dry_run:
         for script, stage_argv in pipe.commands:
             print(f"python {script} {' '.join(shlex.quote(a) for a in stage_argv)}")
         return
-    write_report(pipe, dataset)
+    write_report(out, args.preset, args.command, dataset, [(s.label, s.model_dir) for s in pipe.steps], pipe.log)
     print(f"[pipeline] done: {out / 'report.md'}", flush=True)
 
 

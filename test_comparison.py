@@ -40,7 +40,7 @@ from utils.evaluation.results import Report, first_examples
 from utils.script import UserError, run_main
 from utils.training.checkpoint import atomic_write_text, load_weights, run_config, writable_dir
 from utils.training.device import resolve_device, seed_everything, set_tf32
-from utils.training.loop import FastPath
+from utils.training.fast import FastPath
 from utils.training.setup import compiled
 
 DEFAULT_ATTACKS = "pgd40,aa"

@@ -14,30 +14,38 @@ from utils.cli import (
     add_estimator_args,
     add_model_args,
     add_optim_args,
+    add_release_args,
     add_run_args,
     add_speed_args,
     check_non_negative,
     check_positive,
+    data_spec,
+    device_spec,
+    estimator_layer,
+    estimator_settings,
+    estimator_spec,
+    fast_path,
     finish_attack_args,
     finish_estimator_args,
+    finish_release_args,
     number,
+    sgd_spec,
+    train_attack,
+    training_run,
     warn_without_adversarial_epoch,
 )
 from utils.mi.estimators import (
     build_estimators,
     build_one_estimator,
-    check_stage2_flags,
-    internal_layer,
+    check_stage2_config,
     load_estimators,
     load_standard_estimator,
 )
-from utils.mi.release_compat import add_release_args, finish_release_args
 from utils.namid import freeze, namid_objective, wmim_objective
 from utils.script import run_main
 from utils.training.balance import BALANCE_LIMIT, BalanceMonitor
 from utils.training.loop import fit_target
 from utils.training.losses import ADV_LOSSES, ATTACK_FOR_LOSS
-from utils.training.run import Run
 from utils.training.setup import fresh_model, setup, sgd
 
 
@@ -122,34 +130,36 @@ def parse_args(argv=None):
 
 def namid_kwargs(args) -> dict:
     """The keyword arguments of ``utils.namid.namid_objective`` that the flags set."""
-    return dict(alpha=args.alpha, lam=args.lam, adv_loss=args.adv_loss, beta=args.beta, mode=args.mi_mode,
-                layer=internal_layer(args), use_nat=not args.no_nat_mi, use_adv=not args.no_adv_mi,
+    return dict(alpha=args.alpha, lam=args.lam, adv_loss=args.adv_loss, beta=args.beta, mode=args.va_mode,
+                layer=estimator_layer(args), use_nat=not args.no_nat_mi, use_adv=not args.no_adv_mi,
                 release_loss=args.release_loss, quirks=args.quirks)
 
 
 def wmim_kwargs(args) -> dict:
     """The keyword arguments of ``utils.namid.wmim_objective`` that the flags set."""
-    return dict(alpha=args.alpha, adv_loss=args.adv_loss, beta=args.beta, mode=args.mi_mode,
-                layer=internal_layer(args), quirks=args.quirks)
+    return dict(alpha=args.alpha, adv_loss=args.adv_loss, beta=args.beta, mode=args.va_mode,
+                layer=estimator_layer(args), quirks=args.quirks)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.mi_dir is not None:
-        check_stage2_flags(args, args.mi_dir)
-    s = setup(args)
-    model = fresh_model(args, s.info, s.device)
+        check_stage2_config(estimator_settings(args), args.mi_dir)
+    s = setup(args.model_dir, data_spec(args), device_spec(args))
+    fast = fast_path(args)
+    model = fresh_model(args.arch, s.info, s.device, fast)
+    spec = estimator_spec(args, s.info)
     net = bare_module(model)
     if args.method == "wmim":
-        standard = freeze(load_standard_estimator(build_one_estimator(args, s.info, net, s.device), args.mi_dir))
+        standard = freeze(load_standard_estimator(build_one_estimator(spec, net, s.device), args.mi_dir))
     else:
-        estimators = build_estimators(args, s.info, net, s.device)
+        estimators = build_estimators(spec, net, s.device)
         load_estimators(estimators, args.mi_dir, {
             ("natural", "local"): args.pre_local_n, ("natural", "global"): args.pre_global_n,
             ("adversarial", "local"): args.pre_local_a, ("adversarial", "global"): args.pre_global_a})
         est_n, est_a = (freeze(estimators[k]) for k in ("natural", "adversarial"))
-    optimizer, scheduler = sgd(model, args)
-    run = Run.from_args(args, {"model": model}, optimizer, scheduler, s.generator, args.select_by)
+    optimizer, scheduler = sgd(model, sgd_spec(args))
+    run = training_run(args, {"model": model}, optimizer, scheduler, s.generator, s.held_out, args.select_by)
     attack_loss, start = ATTACK_FOR_LOSS[args.adv_loss]
     if args.quirks.start:
         start = "normal"
@@ -171,7 +181,9 @@ def main(argv=None):
 
     first_epoch = run.start()  # 1, or the epoch after last.pth's with --resume
     balance.resume_from(run.records())
-    fit_target(run, first_epoch, model, s.train_loader, s.eval_loader, adversarial_step, "target_model.pth", args,
+    fit_target(run, first_epoch, model, s.train_loader, s.eval_loader, adversarial_step, "target_model.pth",
+               train_attack(args), warm_up_epochs=args.warm_up_epochs, ramp_epochs=args.epsilon_ramp_epochs,
+               fast=fast, progress=not args.no_progress,
                on_epoch=lambda epoch: balance.start_epoch(len(s.train_loader)),
                after_training=balance.end_training, after_evaluation=balance.end_evaluation)
 

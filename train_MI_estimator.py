@@ -14,18 +14,23 @@ local_a_model.pth, global_a_model.pth, last.pth, config.json, metrics.jsonl, mi_
 curves.png."""
 import torch.nn as nn
 
-from utils.cli import Parser, check_non_negative, number
+from utils.cli import (
+    Parser,
+    add_stage2_args,
+    check_non_negative,
+    estimator_run,
+    estimator_spec,
+    finish_stage2_args,
+    number,
+    stage2_spec,
+)
 from utils.mi.estimators import build_estimators, estimator_best_files
 from utils.mi.objectives import estimator_loss_paper, estimator_loss_release
 from utils.mi.patterns import select_samples
 from utils.script import run_main
 from utils.training.stage2 import (
     ReleasePasses,
-    add_stage2_args,
-    attack_batch,
-    estimator_run,
     evaluate_mi_table,
-    finish_stage2_args,
     fit_estimators,
     global_batch,
     mi_vectors,
@@ -58,15 +63,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    setup = prepare(args)
-    estimators = nn.ModuleDict(build_estimators(args, setup.info, setup.target, setup.device))
+    setup = prepare(stage2_spec(args))
+    estimators = nn.ModuleDict(build_estimators(estimator_spec(args, setup.info), setup.target, setup.device))
 
     def step(x, y):
-        shard = attack_batch(setup.target, x, y, args, setup.layer, args.num_steps)
+        shard = setup.attack_batch(x, y, args.num_steps)
         b = global_batch(shard)
         sel = select_samples(b.logits_nat, b.logits_adv, b.y, over_batch=args.quirks.selection)
         passes = ReleasePasses(estimators) if args.quirks.passes else None
-        mi = mi_vectors(estimators, b, args.mi_mode, quirks=args.quirks)
+        mi = mi_vectors(estimators, b, args.va_mode, quirks=args.quirks)
         if passes is not None:
             passes.finish(b, sel)
         if args.objective == "release":
@@ -81,8 +86,8 @@ def main(argv=None):
 
     run = estimator_run(args, setup, estimators)
     first_epoch = run.start()  # 1, or the epoch after last.pth's with --resume
-    fit_estimators(run, first_epoch, args, setup, estimators, step,
-                   lambda: evaluate_mi_table(setup, estimators, args, not args.no_progress),
+    fit_estimators(run, first_epoch, setup, estimators, step,
+                   lambda: evaluate_mi_table(setup, estimators),
                    best=estimator_best_files(estimators))
 
 

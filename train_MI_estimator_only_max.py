@@ -14,18 +14,14 @@ Model selection: none; the estimator files are rewritten every epoch (best = las
 release kept its last epoch)."""
 import torch.nn as nn
 
-from utils.cli import Parser
+from utils.cli import Parser, add_stage2_args, estimator_run, estimator_spec, finish_stage2_args, stage2_spec
 from utils.mi.estimators import STANDARD_FILES, build_estimators, build_one_estimator, estimator_best_files
 from utils.mi.objectives import estimator_loss_max
 from utils.mi.patterns import attack_succeeded, select_samples
 from utils.script import run_main
 from utils.training.stage2 import (
-    add_stage2_args,
-    attack_batch,
-    estimator_run,
     evaluate_mi_table,
     evaluate_standard_mi,
-    finish_stage2_args,
     fit_estimators,
     global_batch,
     prepare,
@@ -49,45 +45,44 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    setup = prepare(args)
-    progress = not args.no_progress
+    setup = prepare(stage2_spec(args))
 
     if args.standard_mi:
-        estimator = build_one_estimator(args, setup.info, setup.target, setup.device)
+        estimator = build_one_estimator(estimator_spec(args, setup.info), setup.target, setup.device)
         estimators = nn.ModuleDict({"standard": estimator})
 
         def step(x, y):
-            shard = attack_batch(setup.target, x, y, args, setup.layer, args.num_steps)
+            shard = setup.attack_batch(x, y, args.num_steps)
             b = global_batch(shard)
-            loss = -estimator.mi(b.x_adv, b.g_adv, args.mi_mode, quirks=args.quirks).mean()
+            loss = -estimator.mi(b.x_adv, b.g_adv, args.va_mode, quirks=args.quirks).mean()
             fooled = attack_succeeded(b.logits_adv, b.y, over_batch=args.quirks.selection)
             return loss, shard.logits_nat, {"train_fooled": fooled.sum()}
 
         run = estimator_run(args, setup, estimators)
-        fit_estimators(run, run.start(), args, setup, estimators, step,
-                       lambda: evaluate_standard_mi(setup, estimator, args, progress),
+        fit_estimators(run, run.start(), setup, estimators, step,
+                       lambda: evaluate_standard_mi(setup, estimator),
                        best={STANDARD_FILES["local"]: estimator.local, STANDARD_FILES["global"]: estimator.global_})
         return
 
-    estimators = nn.ModuleDict(build_estimators(args, setup.info, setup.target, setup.device))
+    estimators = nn.ModuleDict(build_estimators(estimator_spec(args, setup.info), setup.target, setup.device))
     e_n, e_a = estimators["natural"], estimators["adversarial"]
 
     def step(x, y):
-        shard = attack_batch(setup.target, x, y, args, setup.layer, args.num_steps)
+        shard = setup.attack_batch(x, y, args.num_steps)
         b = global_batch(shard)
         sel = select_samples(b.logits_nat, b.logits_adv, b.y, over_batch=args.quirks.selection)
         fooled = attack_succeeded(b.logits_adv, b.y, over_batch=args.quirks.selection)
         # Eq. 4 needs only these two of the four MI terms (one pass of each net, as in the release).
-        loss_n, loss_a = estimator_loss_max(e_n.mi(b.x, b.g_nat, args.mi_mode, quirks=args.quirks),
-                                            e_a.mi(b.n, b.g_adv, args.mi_mode, quirks=args.quirks),
+        loss_n, loss_a = estimator_loss_max(e_n.mi(b.x, b.g_nat, args.va_mode, quirks=args.quirks),
+                                            e_a.mi(b.n, b.g_adv, args.va_mode, quirks=args.quirks),
                                             sel.correct, fooled)
         return loss_n + loss_a, shard.logits_nat, {"train_loss_n": loss_n.detach(), "train_loss_a": loss_a.detach(),
                                                    "train_c_size": sel.correct.sum(), "train_fooled": fooled.sum()}
 
     run = estimator_run(args, setup, estimators)
     first_epoch = run.start()  # 1, or the epoch after last.pth's with --resume
-    fit_estimators(run, first_epoch, args, setup, estimators, step,
-                   lambda: evaluate_mi_table(setup, estimators, args, progress), best=estimator_best_files(estimators))
+    fit_estimators(run, first_epoch, setup, estimators, step,
+                   lambda: evaluate_mi_table(setup, estimators), best=estimator_best_files(estimators))
 
 
 if __name__ == "__main__":

@@ -15,14 +15,19 @@ from utils.cli import (
     add_speed_args,
     check_non_negative,
     check_positive,
+    data_spec,
+    device_spec,
+    fast_path,
     finish_attack_args,
     number,
+    sgd_spec,
+    train_attack,
+    training_run,
     warn_without_adversarial_epoch,
 )
 from utils.script import run_main
 from utils.training.loop import fit_target
 from utils.training.losses import ADV_LOSSES, ATTACK_FOR_LOSS, adversarial_loss, needs_natural_logits
-from utils.training.run import Run
 from utils.training.setup import fresh_model, setup, sgd
 
 
@@ -61,10 +66,11 @@ def standard_objective(model, x, x_adv, y, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    s = setup(args)
-    model = fresh_model(args, s.info, s.device)
-    optimizer, scheduler = sgd(model, args)
-    run = Run.from_args(args, {"model": model}, optimizer, scheduler, s.generator, args.select_by)
+    s = setup(args.model_dir, data_spec(args), device_spec(args))
+    fast = fast_path(args)
+    model = fresh_model(args.arch, s.info, s.device, fast)
+    optimizer, scheduler = sgd(model, sgd_spec(args))
+    run = training_run(args, {"model": model}, optimizer, scheduler, s.generator, s.held_out, args.select_by)
     attack_loss, start = ATTACK_FOR_LOSS[args.loss]
 
     def adversarial_step(x, y, eps, step_size):
@@ -72,7 +78,9 @@ def main(argv=None):
         return standard_objective(model, x, x_adv, y, args)
 
     first_epoch = run.start()  # 1, or the epoch after last.pth's with --resume
-    fit_target(run, first_epoch, model, s.train_loader, s.eval_loader, adversarial_step, "best_model.pth", args)
+    fit_target(run, first_epoch, model, s.train_loader, s.eval_loader, adversarial_step, "best_model.pth",
+               train_attack(args), warm_up_epochs=args.warm_up_epochs, ramp_epochs=args.epsilon_ramp_epochs,
+               fast=fast, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ from utils.mi.objectives import estimator_loss_release  # noqa: E402
 from utils.mi.patterns import select_samples  # noqa: E402
 from utils.mi.release_compat import Quirks  # noqa: E402
 from utils.namid import freeze, namid_objective  # noqa: E402
-from utils.training.loop import FastPath, evaluate, train_epoch  # noqa: E402
+from utils.training.fast import FastPath  # noqa: E402
+from utils.training.loop import TrainAttack, evaluate, train_epoch  # noqa: E402
 from utils.training.losses import ATTACK_FOR_LOSS  # noqa: E402
 from utils.training.setup import speed_up  # noqa: E402
 
@@ -256,7 +257,7 @@ def step_config(args) -> SimpleNamespace:
     """The flags our objectives read (train_MIAT/train_MI_estimator defaults) and the reference's budget."""
     return SimpleNamespace(epsilon=EPSILON, step_size=EPSILON / 4, num_steps=args.pgd_steps, distance="l_inf",
                            loss="ce", adv_loss="ce", beta=6.0, alpha=5.0, lam=0.1, no_adv_mi=False, no_nat_mi=False,
-                           release_loss=False, mi_mode="dv", is_internal=False, is_internal_last=False,
+                           release_loss=False, va_mode="dv", is_internal=False, is_internal_last=False,
                            quirks=Quirks())
 
 
@@ -277,9 +278,10 @@ def ours_estimator_step(frozen, ests, cfg):
     from utils.training.stage2 import attack_batch, mi_vectors  # here, so the other cases run without stage 2's module
 
     def step(x, y):
-        b = attack_batch(frozen, x, y, cfg, None, cfg.num_steps)
+        attack = TrainAttack(cfg.epsilon, cfg.step_size, cfg.num_steps, cfg.num_steps, cfg.distance)
+        b = attack_batch(frozen, x, y, attack, None, cfg.num_steps)
         sel = select_samples(b.logits_nat, b.logits_adv, y)
-        loss_n, loss_a = estimator_loss_release(*mi_vectors(ests, b, cfg.mi_mode), sel)
+        loss_n, loss_a = estimator_loss_release(*mi_vectors(ests, b, cfg.va_mode), sel)
         return loss_n + loss_a, b.logits_nat, {"train_loss_n": loss_n.detach(), "train_loss_a": loss_a.detach(),
                                                "train_w_size": sel.wrong.sum(), "train_r_size": sel.right.sum()}
     return step
@@ -301,7 +303,9 @@ def fast_path(model: nn.Module, args):
     ``train_epoch`` / ``evaluate`` apply to every batch. Returns (model, FastPath, a note naming
     the memory-format and compile options; amp shows in the dtype column)."""
     note = ", ".join(o for o in ("channels_last", "compile") if getattr(args, o))
-    return speed_up(model, args), FastPath.from_args(args), f"; fast path: {note}" if note else ""
+    fast = FastPath(amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+                    compile_backend=args.compile_backend)
+    return speed_up(model, fast), fast, f"; fast path: {note}" if note else ""
 
 
 def ours_dtype(args) -> str:

@@ -134,16 +134,16 @@ def estimator_step(target: nn.Module, est_n, est_a, optimizers: Tuple, x: Tensor
     n = x_adv - x
     with torch.no_grad():
         g_n_nat = target(x)
-    mi_n_nat = _mi(est_n, x, g_n_nat, cfg.mi_mode)
+    mi_n_nat = _mi(est_n, x, g_n_nat, cfg.va_mode)
     with torch.no_grad():
         g_n_adv = target(x_adv)
-    mi_n_adv = _mi(est_n, x, g_n_adv, cfg.mi_mode)
+    mi_n_adv = _mi(est_n, x, g_n_adv, cfg.va_mode)
     with torch.no_grad():
         g_a_nat = target(x)
-    mi_a_nat = _mi(est_a, n, g_a_nat, cfg.mi_mode)
+    mi_a_nat = _mi(est_a, n, g_a_nat, cfg.va_mode)
     with torch.no_grad():
         g_a_adv = target(x_adv)
-    mi_a_adv = _mi(est_a, n, g_a_adv, cfg.mi_mode)
+    mi_a_adv = _mi(est_a, n, g_a_adv, cfg.va_mode)
     loss_n, loss_a = estimator_loss_release(mi_n_nat, mi_n_adv, mi_a_nat, mi_a_adv, sel)
     for optimizer in optimizers:
         optimizer.zero_grad()
@@ -166,10 +166,10 @@ def namid_step(model: nn.Module, est_n, est_a, optimizer, x: Tensor, y: Tensor, 
     l_adv = adversarial_loss(cfg.adv_loss, logits_adv, y, logits_nat, cfg.beta)
     wrong = select_samples(model(x), model(x_adv), y).wrong              # 2, 3
     n = x_adv - x
-    mi_n_nat = _mi(est_n, x, model(x), cfg.mi_mode)                      # 4
-    mi_n_adv = _mi(est_n, x, model(x_adv), cfg.mi_mode)                  # 5
-    mi_a_nat = _mi(est_a, n, model(x), cfg.mi_mode)                      # 6
-    mi_a_adv = _mi(est_a, n, model(x_adv), cfg.mi_mode)                  # 7
+    mi_n_nat = _mi(est_n, x, model(x), cfg.va_mode)                      # 4
+    mi_n_adv = _mi(est_n, x, model(x_adv), cfg.va_mode)                  # 5
+    mi_a_nat = _mi(est_a, n, model(x), cfg.va_mode)                      # 6
+    mi_a_adv = _mi(est_a, n, model(x_adv), cfg.va_mode)                  # 7
     l_mi, _ = namid_loss(mi_n_nat, mi_n_adv, mi_a_nat, mi_a_adv, wrong, lam=cfg.lam)
     loss = l_adv + cfg.alpha * l_mi
     optimizer.zero_grad()

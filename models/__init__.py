@@ -11,6 +11,8 @@ from typing import Callable, Dict, Tuple
 import torch
 from torch import nn
 
+from utils.attacks.base import eval_mode
+
 from .resnet import CifarResNet, ResNet, ResNet18, ResNet20, ResNet34, ResNet50
 from .smallcnn import SmallCNN
 from .vgg import VGG, VGG19
@@ -45,14 +47,8 @@ def feature_shapes(model: nn.Module, input_shape: Tuple[int, ...]) -> Dict[str, 
     """
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            logits, feats = model(torch.zeros(2, *input_shape, device=device), return_features=True)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model), torch.no_grad():
+        logits, feats = model(torch.zeros(2, *input_shape, device=device), return_features=True)
     shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
     shapes["logits"] = tuple(logits.shape[1:])
     return shapes

@@ -2,6 +2,7 @@
 data and results for the evaluation's tests; Markdown tables read back."""
 import importlib
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -101,3 +102,12 @@ def markdown_tables(text):
             tables.append([dict(zip(block[0], row)) for row in block[2:]])
             block = []
     return tables
+
+
+def save_estimators(estimators, model_dir) -> None:
+    """The four estimator files of a stage-2 folder, written as train_MI_estimator.py writes them."""
+    from utils.mi.estimators import estimator_best_files
+    from utils.training.checkpoint import atomic_save
+
+    for filename, module in estimator_best_files(estimators).items():
+        atomic_save(module.state_dict(), Path(model_dir) / filename)

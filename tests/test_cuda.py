@@ -23,7 +23,8 @@ from utils.data.loaders import BatchLoader
 from utils.data.splits import Split
 from utils.data.synthetic import synthetic_info
 from utils.namid import freeze, namid_objective
-from utils.training.loop import FastPath, evaluate
+from utils.training.fast import FastPath
+from utils.training.loop import evaluate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -14,7 +14,7 @@ import train_standard
 from models import get_model
 from utils.attacks.base import bare_module
 from utils.attacks.pgd import pgd
-from utils.training.loop import FastPath
+from utils.training.fast import FastPath
 from utils.training.setup import compiled, speed_up
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +28,7 @@ def one_step_loss(fast: FastPath, flags: dict):
     # TRADES' init zeroes the last layer, which would make every loss log(10): randomise it.
     torch.nn.init.normal_([m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].weight, std=0.3)
     x, y = torch.rand(16, 3, 32, 32), torch.arange(16) % 10  # 3 channels: NCHW and NHWC strides differ
-    options = {"channels_last": False, "sync_bn": False, "compile": False, **flags}
-    model = speed_up(copy.deepcopy(model), SimpleNamespace(**options))
+    model = speed_up(copy.deepcopy(model), FastPath(**flags))
     model.train()
     seen = SimpleNamespace(inputs=[], logits=[])
     model.register_forward_pre_hook(lambda m, args: seen.inputs.append(args[0]))
@@ -179,8 +178,8 @@ def test_torchrun_stage2_and_stage3(tmp_path, script, extra):
     target is frozen, so its clean evaluation, split over the two processes, must give one process's
     counts exactly: every test image counted once (sharded), and the Fig. 4 table summed over both."""
     from models.estimator import build_estimator
+    from tests.helpers import save_estimators
     from utils.data.loaders import load_splits
-    from utils.mi.estimators import save_estimators
 
     common = ["--dataset", "synthetic", "--arch", "smallcnn", "--train-limit", "64", "--test-limit", "32",
               "--batch-size", "32", "--epochs", "1", "--num-steps", "1", "--eval-steps", "1", "--va-hsize", "16",

@@ -7,13 +7,13 @@ import torch
 
 from models import get_model
 from models.estimator import build_estimator
+from tests.helpers import save_estimators
+from utils.cli import estimator_layer, estimator_settings, estimator_spec
 from utils.data.splits import DatasetInfo
 from utils.mi.estimators import (
     build_one_estimator,
-    check_stage2_flags,
-    internal_layer,
+    check_stage2_config,
     load_estimators,
-    save_estimators,
     target_outputs,
 )
 from utils.script import UserError
@@ -56,7 +56,7 @@ def _assert_same_weights(module, state):
 @pytest.mark.parametrize("explicit", [False, True], ids=["mi_dir", "release_flags"])
 def test_save_and_load_keep_each_estimator_in_its_own_files(tmp_path, explicit):
     """E_n and E_a have the same shapes, so a swap on load would go unnoticed by shape checks."""
-    from utils.mi.estimators import load_estimators, save_estimators
+    from utils.mi.estimators import load_estimators
 
     saved = _distinct_estimators(1)
     for name in ("local", "global"):
@@ -81,7 +81,8 @@ def test_save_and_load_keep_each_estimator_in_its_own_files(tmp_path, explicit):
         _assert_same_weights(part(loaded[kind], name), part(saved[kind], name).state_dict())
 
 
-def test_save_estimators_writes_each_part_to_its_own_file(tmp_path):
+def test_each_part_is_written_to_its_own_file(tmp_path):
+    """What stage 2 writes every epoch: ``estimator_best_files`` maps each release file name to its part."""
     torch.manual_seed(3)
     ests = {k: build_estimator(3, 10, hidden=16) for k in ("natural", "adversarial")}
     save_estimators(ests, tmp_path)
@@ -101,7 +102,8 @@ INFO = DatasetInfo("synthetic", num_classes=10, in_channels=3, image_size=32, cr
 
 
 def _args(**flags):
-    return argparse.Namespace(**{"va_hsize": 16, "is_internal": False, "is_internal_last": False, **flags})
+    return argparse.Namespace(**{"va_mode": "dv", "va_hsize": 16, "is_internal": False, "is_internal_last": False,
+                                 **flags})
 
 
 def test_save_then_load_round_trips_all_four_files(tmp_path):
@@ -139,23 +141,36 @@ def test_a_missing_file_or_no_source_is_a_user_error_naming_the_flag(tmp_path):
         load_estimators(_distinct_estimators(1))
 
 
-def test_internal_layer_maps_the_two_flags():
-    assert internal_layer(_args()) is None
-    assert internal_layer(_args(is_internal=True)) == "layer3"
-    assert internal_layer(_args(is_internal_last=True)) == "layer4"
+def test_estimator_layer_maps_the_two_flags():
+    assert estimator_layer(_args()) is None
+    assert estimator_layer(_args(is_internal=True)) == "layer3"
+    assert estimator_layer(_args(is_internal_last=True)) == "layer4"
 
 
-def test_check_stage2_flags_refuses_estimator_flags_other_than_stage_2s(tmp_path):
-    check_stage2_flags(_args(mi_mode="nce"), tmp_path)  # no config.json (the release's files): not checked
-    (tmp_path / "config.json").write_text(json.dumps({"mi_mode": "dv", "va_hsize": 16, "is_internal": False}))
-    check_stage2_flags(_args(mi_mode="dv"), tmp_path)
+def check(tmp_path, **flags):
+    check_stage2_config(estimator_settings(_args(**flags)), tmp_path)
+
+
+def test_check_stage2_config_refuses_estimator_flags_other_than_stage_2s(tmp_path):
+    check(tmp_path, va_mode="nce")  # no config.json (the release's files): not checked
+    (tmp_path / "config.json").write_text(json.dumps({"va_mode": "dv", "va_hsize": 16, "is_internal": False}))
+    check(tmp_path, va_mode="dv")
     with pytest.raises(UserError, match="^--va-mode: ") as err:
-        check_stage2_flags(_args(mi_mode="nce"), tmp_path)
+        check(tmp_path, va_mode="nce")
     assert "'dv'" in str(err.value) and "'nce'" in str(err.value)
     with pytest.raises(UserError, match="^--va-hsize: "):
-        check_stage2_flags(_args(mi_mode="dv", va_hsize=32), tmp_path)
+        check(tmp_path, va_hsize=32)
     with pytest.raises(UserError, match="^--is-internal: "):
-        check_stage2_flags(_args(mi_mode="dv", is_internal=True), tmp_path)
+        check(tmp_path, is_internal=True)
+
+
+def test_a_stored_fd_mode_names_the_jsd_bound(tmp_path):
+    """config.json keeps --va-mode as the stage-2 run resolved it; a folder that recorded ``fd`` (the
+    release's spelling of the JSD bound) still matches ``jsd``."""
+    (tmp_path / "config.json").write_text(json.dumps({"va_mode": "fd", "va_fd_measure": "JSD"}))
+    check(tmp_path, va_mode="jsd")
+    with pytest.raises(UserError, match="^--va-mode: "):
+        check(tmp_path, va_mode="dv")
 
 
 def test_target_outputs_gives_the_logits_or_a_layer_from_one_pass():
@@ -177,7 +192,7 @@ def test_target_outputs_gives_the_logits_or_a_layer_from_one_pass():
                                          ({"is_internal_last": True}, "layer4")])
 def test_build_one_estimator_reads_what_the_flags_name(flags, layer):
     target = get_model("smallcnn", 10, 3)
-    est = build_one_estimator(_args(**flags), INFO, target, torch.device("cpu"))
+    est = build_one_estimator(estimator_spec(_args(**flags), INFO), target, torch.device("cpu"))
     assert est.global_.internal == layer
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():

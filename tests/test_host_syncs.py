@@ -22,17 +22,16 @@ import torch
 import torch.nn.functional as F
 
 import utils.evaluation.engine
-import utils.training.loop
-import utils.training.stage2
+import utils.training.fast
 from models import get_model
 from models.estimator import build_estimator
-from tests.helpers import Tiny, run_script, tiny_split
+from tests.helpers import Tiny, run_script, save_estimators, tiny_split
+from utils.attacks.base import eval_mode
 from utils.attacks.registry import build_attack
 from utils.evaluation.results import Report
 from utils.host_syncs import HostSyncs
-from utils.mi.estimators import save_estimators
 
-LOOPS = (utils.training.loop, utils.training.stage2, utils.evaluation.engine)
+LOOPS = (utils.training.fast,)  # every pass over a loader goes through FastPath.batches
 # 64 training images in batches of 16 (4 steps), 32 evaluation images (2 batches).
 COMMON = ["--dataset", "synthetic", "--arch", "smallcnn", "--train-limit", "64", "--test-limit", "32",
           "--batch-size", "16", "--epochs", "1", "--num-steps", "2", "--eval-steps", "2", "--epsilon", "0.1",
@@ -237,7 +236,7 @@ def test_a_cuda_training_step_and_evaluation_batch_never_synchronise():
     torch.cuda.set_sync_debug_mode("error")
     try:
         step()
-        with utils.training.loop.eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             (model(x).argmax(dim=1) == y).sum()
         pgd(model, x, y, 0.03, 0.01, 2, "linf")
     finally:

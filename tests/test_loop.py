@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from utils.cli import fast_path
 from utils.script import Interrupted
 from utils.training import loop
+from utils.training.fast import FastPath
 from utils.training.loop import Meter, epsilon_at, fit, json_safe, target_steps
 from utils.training.run import Run
 
@@ -113,7 +115,7 @@ def test_evaluate_counts_clean_and_robust_in_eval_mode():
 
 
 def test_fast_path_from_flags():
-    fast = loop.FastPath.from_args(SimpleNamespace(amp=True, channels_last=False))
-    assert fast == loop.FastPath(amp=True, channels_last=False)
+    args = SimpleNamespace(amp=True, channels_last=False, compile=True, compile_backend="aot_eager", sync_bn=False)
+    assert fast_path(args) == FastPath(amp=True, compile=True, compile_backend="aot_eager")
     x = torch.rand(2, 3, 4, 4)
-    assert loop.FastPath(channels_last=True).batch(x).is_contiguous(memory_format=torch.channels_last)
+    assert FastPath(channels_last=True).batch(x).is_contiguous(memory_format=torch.channels_last)

@@ -1,12 +1,11 @@
 """Shapes, the shared feature interface and the registry of models/."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from models import MODEL_NAMES, feature_shapes, get_model
-from utils.mi.estimators import build_one_estimator, internal_layer, target_outputs
+from utils.mi.estimators import EstimatorSpec, build_one_estimator, internal_layer, target_outputs
 
 # (input shape, num_classes) of MNIST-like, CIFAR-10, CIFAR-100 and Tiny-ImageNet data.
 DATASETS = [((1, 28, 28), 10), ((3, 32, 32), 10), ((3, 32, 32), 100), ((3, 64, 64), 200)]
@@ -136,11 +135,11 @@ def test_smallcnn_variants():
 def test_resnet20_feeds_the_estimators(shape, flag):
     """Stages 2 and 3 size the global net from feature_shapes and feed it target_outputs."""
     model = get_model("resnet20", 10, shape[0]).eval()
-    args = SimpleNamespace(va_hsize=16, is_internal=flag == "is_internal", is_internal_last=flag == "is_internal_last")
-    info = SimpleNamespace(in_channels=shape[0], num_classes=10, image_size=shape[1])
-    estimator = build_one_estimator(args, info, model, torch.device("cpu"))
+    layer = internal_layer(flag == "is_internal", flag == "is_internal_last")
+    spec = EstimatorSpec(16, layer, in_channels=shape[0], num_classes=10, image_size=shape[1])
+    estimator = build_one_estimator(spec, model, torch.device("cpu"))
     x = torch.rand(4, *shape)
-    logits, read = target_outputs(model, x, internal_layer(args))
+    logits, read = target_outputs(model, x, layer)
     assert logits.shape == (4, 10)
     expected = {None: (10,), "is_internal": (32,), "is_internal_last": (64,)}[flag]
     assert read.shape[1] == expected[0]

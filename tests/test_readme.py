@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from models.estimator import build_estimator
-from utils.mi.estimators import save_estimators
+from tests.helpers import save_estimators
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -1,7 +1,6 @@
 """utils/evaluation/report.py: results.md with the mean over seeds, the ε-sweep and Fig. 4 tables, report.md."""
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 from utils.evaluation.report import (
     group_name,
@@ -74,9 +73,8 @@ def test_write_report_puts_every_table_in_report_md(tmp_path):
     (tmp_path / "mi_estimator").mkdir()
     (tmp_path / "mi_estimator" / "mi_table.png").write_bytes(b"png")
     (tmp_path / "mi_estimator" / "metrics.jsonl").write_text(json.dumps(_mi_record(1, 1.0)) + "\n")
-    pipe = SimpleNamespace(out=tmp_path, args=SimpleNamespace(preset="demo", command=["--seeds", "0,1"]), steps=[],
-                           log=[("Standard AT", "`train_standard.py --name 'a|b'`", "ran, 3 s")])
-    write_report(pipe, "cifar10")
+    write_report(tmp_path, "demo", ["--seeds", "0,1"], "cifar10", [],
+                 [("Standard AT", "`train_standard.py --name 'a|b'`", "ran, 3 s")])
     report = Path(tmp_path / "report.md").read_text()
     assert "Command: `python run_pipeline.py --seeds 0,1`" in report
     assert ("| defense | None | PGD-40 | AA | FWA-40 | TI-DIM |\n|---|---|---|---|---|---|\n"

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from utils.cli import flags_of
 from utils.script import UserError
-from utils.training.run import Run, flags_of
+from utils.training.run import Run
 
 
 def make_run(folder, flags=None, **kw):

@@ -107,7 +107,7 @@ def test_every_preset_gives_stage_2_and_stage_3_the_same_estimator_shape(tmp_pat
         pipe = run_pipeline.Pipeline(args, extra)
         two = train_MI_estimator.parse_args(pipe.argv(train_MI_estimator, "stage2", "--pre-target", "x"))
         three = train_MIAT.parse_args(pipe.argv(train_MIAT, "stage3", "--mi-dir", "x"))
-        for flag in ("va_hsize", "is_internal", "is_internal_last", "mi_mode", "arch", "dataset"):
+        for flag in ("va_hsize", "is_internal", "is_internal_last", "va_mode", "arch", "dataset"):
             assert getattr(two, flag) == getattr(three, flag), (preset, flag)
 
 

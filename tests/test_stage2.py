@@ -1,9 +1,7 @@
 """What the two stage-2 scripts share (utils/training/stage2.py): the adversarial batch, the four MI
 vectors, the release's BatchNorm passes, the evaluation's table, the one-line summary and the
 bar chart. The scripts themselves are tested in tests/test_train_MI_estimator.py."""
-import argparse
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +14,10 @@ from tests.test_release_compat import _same_bn
 from utils.mi.objectives import MITable
 from utils.mi.patterns import select_samples
 from utils.mi.release_compat import Quirks
-from utils.training.stage2 import AdvBatch, ReleasePasses, mi_vectors
+from utils.training.fast import FastPath
+from utils.training.loop import TrainAttack
+from utils.training.setup import DeviceSpec
+from utils.training.stage2 import AdvBatch, ReleasePasses, Stage2Setup, Stage2Spec, mi_vectors
 
 
 def test_mi_vectors_reuse_local_features_and_match_mi():
@@ -72,17 +73,21 @@ def _target(seed=0):
     return target
 
 
-def _args(**overrides):
-    values = {"epsilon": 0.1, "step_size": 0.025, "distance": "l_inf", "quirks": Quirks(), "mi_mode": "dv",
-              "eval_steps": 1, "amp": False, "channels_last": False}
-    return argparse.Namespace(**{**values, **overrides})
+ATTACK = TrainAttack(epsilon=0.1, step_size=0.025, num_steps=1, eval_steps=1, distance="l_inf")
+
+
+def _setup(target, batches) -> Stage2Setup:
+    """A stage-2 setup around ``target`` whose evaluation split is ``batches``."""
+    spec = Stage2Spec(model_dir="", data=None, where=DeviceSpec(), arch="smallcnn", pre_target="", fast=FastPath(),
+                      attack=ATTACK, layer=None, mode="dv", quirks=Quirks(), progress=False)
+    return Stage2Setup(torch.device("cpu"), None, None, batches, None, 0, target, spec)
 
 
 @pytest.mark.parametrize("layer", [None, "layer3"])
 def test_attack_batch_holds_the_patterns_and_the_targets_outputs(layer):
     target = _target()
     x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
-    b = stage2.attack_batch(target, x, y, _args(), layer, num_steps=2)
+    b = stage2.attack_batch(target, x, y, ATTACK, layer, num_steps=2)
     assert torch.equal(b.x, x) and torch.equal(b.y, y)
     assert torch.equal(b.n, b.x_adv - x)
     assert (b.x_adv - x).abs().max() <= 0.1 + 1e-6 and b.x_adv.min() >= 0 and b.x_adv.max() <= 1
@@ -109,7 +114,7 @@ def test_attack_batch_attacks_with_the_flags_and_the_release_start(monkeypatch, 
     monkeypatch.setattr(stage2, "pgd", spy)
     target = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
     x = torch.rand(2, 3, 2, 2)
-    b = stage2.attack_batch(target, x, torch.zeros(2, dtype=torch.long), _args(quirks=Quirks(start=start)), None, 7)
+    b = stage2.attack_batch(target, x, torch.zeros(2, dtype=torch.long), ATTACK, None, 7, normal_start=start)
     assert seen == [(0.1, 0.025, 7, "l_inf", {"random_start": expected})]
     assert torch.allclose(b.n, torch.full_like(x, 0.01))
 
@@ -140,17 +145,17 @@ def _flip(monkeypatch):
 def test_evaluate_mi_table_is_the_table_and_the_accuracies_over_the_evaluation_split(monkeypatch):
     _flip(monkeypatch)
     target, batches = _loader()
-    setup = SimpleNamespace(eval_loader=batches, target=target, layer=None, device=torch.device("cpu"))
+    setup = _setup(target, batches)
     torch.manual_seed(2)
     ests = nn.ModuleDict({k: build_estimator(3, 10, hidden=16) for k in ("natural", "adversarial")}).train()
-    got = stage2.evaluate_mi_table(setup, ests, _args(), progress=False)
+    got = stage2.evaluate_mi_table(setup, ests)
     assert ests.training  # evaluated in eval mode, then put back
 
     ests.eval()
     table, clean, robust = MITable(), 0, 0
     with torch.no_grad():
         for x, y in batches:
-            b = stage2.attack_batch(target, x, y, _args(), None, 1)
+            b = stage2.attack_batch(target, x, y, ATTACK, None, 1)
             sel = select_samples(b.logits_nat, b.logits_adv, b.y)
             table.update(*mi_vectors(ests, b, "dv", estimate=True), sel)
             clean += int((b.logits_nat.argmax(1) == y).sum())
@@ -166,15 +171,15 @@ def test_evaluate_mi_table_is_the_table_and_the_accuracies_over_the_evaluation_s
 def test_evaluate_standard_mi_is_the_mean_standard_mi_over_the_evaluation_split(monkeypatch):
     _flip(monkeypatch)
     target, batches = _loader()
-    setup = SimpleNamespace(eval_loader=batches, target=target, layer=None, device=torch.device("cpu"))
+    setup = _setup(target, batches)
     torch.manual_seed(3)
     est = build_estimator(3, 10, hidden=16).train()
-    got = stage2.evaluate_standard_mi(setup, est, _args(), progress=False)
+    got = stage2.evaluate_standard_mi(setup, est)
     assert est.training
 
     est.eval()
     with torch.no_grad():
-        bs = [stage2.attack_batch(target, x, y, _args(), None, 1) for x, y in batches]
+        bs = [stage2.attack_batch(target, x, y, ATTACK, None, 1) for x, y in batches]
         mi_x = torch.cat([est.mi(b.x, b.g_nat, "dv", estimate=True) for b in bs]).double().mean()
         mi_xadv = torch.cat([est.mi(b.x_adv, b.g_adv, "dv", estimate=True) for b in bs]).double().mean()
     assert got["standard_mi_x"] == pytest.approx(float(mi_x), rel=1e-6)

@@ -6,8 +6,7 @@ import torch
 
 import train_MIAT
 from models.estimator import build_estimator
-from tests.helpers import assert_user_error, run_script, spy_on_pgd
-from utils.mi.estimators import save_estimators
+from tests.helpers import assert_user_error, run_script, save_estimators, spy_on_pgd
 
 HSIZE = 16
 BASE = ["--dataset", "synthetic", "--arch", "smallcnn", "--train-limit", "64", "--test-limit", "32",
@@ -158,7 +157,7 @@ def test_estimator_flags_must_match_stage_2(mi_dir, tmp_path, capsys):
 
     folder = tmp_path / "mi"
     shutil.copytree(mi_dir, folder)
-    (folder / "config.json").write_text(json.dumps({"mi_mode": "dv", "va_hsize": HSIZE, "is_internal": False,
+    (folder / "config.json").write_text(json.dumps({"va_mode": "dv", "va_hsize": HSIZE, "is_internal": False,
                                                     "is_internal_last": False}))
     argv = [*BASE, "--mi-dir", folder, "--model-dir", tmp_path / "m"]
     assert_user_error(run_script(capsys, "train_MIAT", [*argv, "--va-mode", "nce"]), "--va-mode", "'dv'")
@@ -195,7 +194,7 @@ def test_bad_flags(argv, fragment, tmp_path, capsys):
 def test_paper_defaults():
     args = train_MIAT.parse_args(["--mi-dir", "x"])
     assert (args.alpha, args.lam, args.adv_loss, args.method, args.warm_up_epochs) == (5.0, 0.1, "ce", "namid", 0)
-    assert args.epsilon == pytest.approx(8 / 255) and args.num_steps == 10 and args.mi_mode == "dv"
+    assert args.epsilon == pytest.approx(8 / 255) and args.num_steps == 10 and args.va_mode == "dv"
 
 
 def test_gradient_balance_is_measured_on_batches_spread_over_each_adversarial_epoch(mi_dir, tmp_path, capsys,

@@ -51,10 +51,10 @@ def spy_on_fit(monkeypatch, module):
     seen = {}
     real = module.fit_estimators
 
-    def fit(run, first_epoch, args, setup, estimators, *rest, **kw):
+    def fit(run, first_epoch, setup, estimators, *rest, **kw):
         seen.update(before=snapshot(estimators), target_before=snapshot(setup.target), setup=setup,
                     estimators=estimators)
-        return real(run, first_epoch, args, setup, estimators, *rest, **kw)
+        return real(run, first_epoch, setup, estimators, *rest, **kw)
 
     monkeypatch.setattr(module, "fit_estimators", fit)
     return seen
@@ -203,10 +203,12 @@ SCRIPTS = {"train_MI_estimator": train_MI_estimator, "train_MI_estimator_only_ma
 def capture_step(monkeypatch, script, argv):
     """Run ``script``'s main up to ``fit_estimators`` and return what it hands to it: the training step among them."""
     seen = {}
+    parse = SCRIPTS[script].parse_args
 
-    def fit(run, first_epoch, args, setup, estimators, step, evaluate, best):
-        seen.update(args=args, setup=setup, estimators=estimators, step=step)
+    def fit(run, first_epoch, setup, estimators, step, evaluate, best):
+        seen.update(setup=setup, estimators=estimators, step=step)
 
+    monkeypatch.setattr(SCRIPTS[script], "parse_args", lambda argv: seen.setdefault("args", parse(argv)))
     monkeypatch.setattr(SCRIPTS[script], "fit_estimators", fit)
     SCRIPTS[script].main([str(a) for a in argv])
     assert "step" in seen
@@ -217,15 +219,15 @@ def objective(seen, x, y, variant):
     """The script's stage-2 objective on (x, y), rebuilt from the public helpers (PAPER.md §5):
     the loss to minimise, or for --standard-mi the mean standard MI Î(x̃; h(x̃)) to maximise."""
     args, setup, ests = seen["args"], seen["setup"], seen["estimators"]
-    b = stage2.global_batch(stage2.attack_batch(setup.target, x, y, args, setup.layer, args.num_steps))
+    b = stage2.global_batch(setup.attack_batch(x, y, args.num_steps))
     if variant == "standard-mi":
-        return ests["standard"].mi(b.x_adv, b.g_adv, args.mi_mode).mean()
+        return ests["standard"].mi(b.x_adv, b.g_adv, args.va_mode).mean()
     sel = select_samples(b.logits_nat, b.logits_adv, b.y)
     if variant == "eq4-max":
         e_n, e_a = ests["natural"], ests["adversarial"]
-        return sum(estimator_loss_max(e_n.mi(b.x, b.g_nat, args.mi_mode), e_a.mi(b.n, b.g_adv, args.mi_mode),
+        return sum(estimator_loss_max(e_n.mi(b.x, b.g_nat, args.va_mode), e_a.mi(b.n, b.g_adv, args.va_mode),
                                       sel.correct, attack_succeeded(b.logits_adv, b.y)))
-    mi = stage2.mi_vectors(ests, b, args.mi_mode)
+    mi = stage2.mi_vectors(ests, b, args.va_mode)
     if variant == "eq5-paper":
         return sum(estimator_loss_paper(*mi, sel.wrong))
     return sum(estimator_loss_release(*mi, sel, cos_weight=args.cos_weight, r_weight=args.r_weight,
@@ -281,7 +283,7 @@ def test_defaults_follow_the_paper_and_the_release():
     assert (a.objective, a.cos_weight, a.r_weight, a.a_r_cos_weight, a.a_r_sum_weight) == ("release", 5, 0.5, 8, 0.1)
     assert (a.distance, a.num_steps, a.eval_steps, a.va_mode, a.va_hsize) == ("l_inf", 10, 10, "dv", 2048)
     assert a.epsilon == pytest.approx(8 / 255) and a.step_size == pytest.approx(2 / 255)
-    assert a.model_dir == "checkpoints/mi_estimator" and a.mi_mode == "dv"
+    assert a.model_dir == "checkpoints/mi_estimator" and a.va_mode == "dv"
     m = train_MI_estimator_only_max.parse_args(["--pre_target", "t.pth", "--num-steps", "20"])
     assert (m.lr_mi, m.epochs, m.batch_size, m.lr_milestones, m.lr_gamma) == (1e-2, 50, 200, [20, 30, 40], 0.5)
     assert m.eval_steps == 20 and not m.standard_mi

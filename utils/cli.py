@@ -1,16 +1,28 @@
-"""Flags that several scripts share, defined once.
+"""Flags that several scripts share, defined once, and the records they become.
 
-Every ``--long-flag`` also answers to ``--long_flag`` (the release's spelling). Errors in
-flags print one line and exit with status 2, as argparse does, without a usage dump."""
+Only the scripts and this module read flags: ``data_spec``, ``fast_path``, ``train_attack``,
+``estimator_spec`` and the like turn the parsed namespace into the typed records that library
+code takes. Every ``--long-flag`` also answers to ``--long_flag`` (the release's spelling).
+Errors in flags print one line and exit with status 2, as argparse does, without a usage dump."""
 import argparse
 import math
 import sys
 from fractions import Fraction
-from typing import Optional
+from typing import Dict, Optional
+
+import torch.nn as nn
 
 from models import MODEL_NAMES
 from utils.data.loaders import DATASETS
+from utils.data.splits import DatasetInfo
 from utils.mi.bounds import resolve_mode
+from utils.mi.estimators import EstimatorSpec, internal_layer
+from utils.mi.release_compat import QUIRK_FLAGS, Quirks
+from utils.training.fast import FastPath
+from utils.training.loop import TrainAttack
+from utils.training.run import Run
+from utils.training.setup import DataSpec, DeviceSpec, SGDSpec
+from utils.training.stage2 import Stage2Setup, Stage2Spec, adam
 
 
 class Parser(argparse.ArgumentParser):
@@ -18,6 +30,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        self.flags = set()  # every option string, both spellings: what run_pipeline.py routes by
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *names, **kwargs):
@@ -27,6 +40,7 @@ class Parser(argparse.ArgumentParser):
                 alias = "--" + name[2:].replace("-", "_")
                 if alias not in spelled:
                     spelled.append(alias)
+        self.flags.update(name for name in spelled if name.startswith("-"))
         return super().add_argument(*spelled, **kwargs)
 
     def error(self, message):
@@ -82,13 +96,14 @@ def add_model_args(p: Parser, default: str = "resnet18") -> None:
                    help="target network")
 
 
-def add_attack_args(p: Parser, num_steps: int = 10, eval_steps: int = 20) -> None:
+def add_attack_args(p: Parser, num_steps: int = 10, eval_steps: Optional[int] = 20,
+                    eval_help: str = "PGD steps for the per-epoch robust accuracy") -> None:
     p.add_argument("--distance", default="l_inf", choices=("l_inf", "l_2"), help="threat model")
     p.add_argument("--epsilon", type=number, default=None,
                    help="perturbation budget, e.g. 8/255 (default: 8/255 for l_inf, 0.5 for l_2)")
     p.add_argument("--step-size", type=number, default=None, help="PGD step size (default epsilon/4)")
     p.add_argument("--num-steps", type=int, default=num_steps, help="PGD steps while training")
-    p.add_argument("--eval-steps", type=int, default=eval_steps, help="PGD steps for the per-epoch robust accuracy")
+    p.add_argument("--eval-steps", type=int, default=eval_steps, help=eval_help)
 
 
 def add_optim_args(p: Parser, epochs: int = 100, batch_size: int = 256, lr: float = 0.1,
@@ -173,8 +188,9 @@ def add_estimator_args(p: Parser) -> None:
 
 
 def finish_estimator_args(p: Parser, args: argparse.Namespace) -> argparse.Namespace:
+    """``--va-mode`` becomes the bound it names (``fd`` with ``--va-fd-measure JSD`` is ``jsd``)."""
     try:
-        args.mi_mode = resolve_mode(args.va_mode, args.va_fd_measure)
+        args.va_mode = resolve_mode(args.va_mode, args.va_fd_measure)
     except ValueError as err:
         p.error(str(err))
     if args.is_internal and args.is_internal_last:
@@ -206,3 +222,126 @@ def add_speed_args(p: Parser) -> None:
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="turn off cudnn.benchmark (on by default on CUDA)")
     p.add_argument("--tf32", action="store_true", help=TF32_HELP)
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
+
+
+def add_release_args(p: Parser) -> None:
+    p.add_argument("--release-compat", action="store_true",
+                   help="switch on every --release-* quirk below: the release's numerics (PAPER.md §10)")
+    for flag, what in QUIRK_FLAGS.items():
+        p.add_argument(f"--{flag}", action="store_true", help=what)
+
+
+def finish_release_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``--release-compat`` sets every quirk flag, so config.json records each one that was on;
+    ``args.quirks`` holds them as the :class:`Quirks` that library code takes."""
+    if args.release_compat:
+        for flag in QUIRK_FLAGS:
+            setattr(args, flag.replace("-", "_"), True)
+    args.quirks = Quirks(**{name: bool(vars(args)[f"release_{name}"]) for name in Quirks.names()})
+    if args.quirks.batch_bounds and args.va_mode in ("jsd", "nce"):
+        print(f"note: --release-batch-bounds with --va-mode {args.va_mode}: every sample gets the batch mean "
+              "of the bound, so the cosine terms carry no gradient, as in the release", file=sys.stderr)
+    return args
+
+
+def add_stage2_args(p: Parser, *, model_dir: str, epochs: int, batch_size: int, milestones, gamma: float) -> None:
+    """Flags of both stage-2 scripts, with the release's names; the defaults are each script's."""
+    add_data_args(p, selects=False)
+    add_model_args(p)
+    p.add_argument("--pre-target", required=True,
+                   help="the frozen target h_θ0: stage 1's best_model.pth (or its last.pth)")
+    add_estimator_args(p)
+    add_release_args(p)
+    # The paper's threat model, the one stage 1 trained for (L∞ 8/255, PGD-10, step ε/4).
+    # The release's stage 2 defaulted to L2 ε 0.5 with 20 steps: --distance l_2 --num-steps 20.
+    add_attack_args(p, num_steps=10, eval_steps=None,
+                    eval_help="PGD steps for the per-epoch table and accuracy (default: --num-steps, the same attack)")
+    p.add_argument("--epochs", type=int, default=epochs, help="estimator training epochs")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="images per step")
+    p.add_argument("--lr-mi", type=number, default=1e-2, help="Adam learning rate of the estimators")
+    p.add_argument("--lr-milestones", type=int, nargs="*", default=list(milestones),
+                   help="epochs at which the learning rate is multiplied by --lr-gamma")
+    p.add_argument("--lr-gamma", type=number, default=gamma, help="learning-rate factor at each milestone")
+    add_speed_args(p)
+    add_run_args(p, model_dir=model_dir)
+
+
+def finish_stage2_args(p: Parser, args: argparse.Namespace) -> argparse.Namespace:
+    if args.eval_steps is None:
+        args.eval_steps = args.num_steps
+    finish_attack_args(p, args)
+    finish_estimator_args(p, args)
+    finish_release_args(args)
+    check_positive(p, args, "epochs", "batch_size", "lr_mi", "lr_gamma")
+    check_non_negative(p, args, "save_freq", "val_size")
+    return args
+
+
+# --------------------------------------------------------------------------- flags to records
+# Only the scripts and this module read flags; library code takes the records built here.
+
+def data_spec(args: argparse.Namespace) -> DataSpec:
+    return DataSpec(args.dataset, args.data_dir, args.batch_size, seed=args.seed, train_limit=args.train_limit,
+                    test_limit=args.test_limit, val_size=args.val_size)
+
+
+def device_spec(args: argparse.Namespace) -> DeviceSpec:
+    return DeviceSpec(args.device, cudnn_benchmark=not args.no_cudnn_benchmark, tf32=args.tf32)
+
+
+def fast_path(args: argparse.Namespace) -> FastPath:
+    """The options of ``add_speed_args``."""
+    return FastPath(amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+                    compile_backend=args.compile_backend, sync_bn=args.sync_bn)
+
+
+def train_attack(args: argparse.Namespace) -> TrainAttack:
+    return TrainAttack(args.epsilon, args.step_size, args.num_steps, args.eval_steps, args.distance)
+
+
+def sgd_spec(args: argparse.Namespace) -> SGDSpec:
+    return SGDSpec(args.lr, args.momentum, args.weight_decay, args.lr_milestones, args.lr_gamma)
+
+
+def estimator_layer(args: argparse.Namespace) -> Optional[str]:
+    return internal_layer(args.is_internal, args.is_internal_last)
+
+
+def estimator_spec(args: argparse.Namespace, info: DatasetInfo) -> EstimatorSpec:
+    """The estimator ``--va-hsize``, ``--is-internal`` and ``--is-internal-last`` describe, for ``info``'s images."""
+    return EstimatorSpec(args.va_hsize, estimator_layer(args), info.in_channels, info.num_classes, info.image_size)
+
+
+def estimator_settings(args: argparse.Namespace) -> Dict[str, object]:
+    """The flags that fix how the estimators read and score their inputs: stage 3 must use stage 2's."""
+    return {"va_mode": args.va_mode, "va_hsize": args.va_hsize, "is_internal": args.is_internal,
+            "is_internal_last": args.is_internal_last}
+
+
+def flags_of(args: argparse.Namespace) -> dict:
+    """The flags a run records in config.json: every plain value of the parsed arguments."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+def training_run(args: argparse.Namespace, modules: Dict[str, nn.Module], optimizer, scheduler, generator,
+                 held_out: int, select_by: str = "pgd_acc") -> Run:
+    """The run that a script's flags (``add_run_args``, ``--epochs``) describe; config.json records
+    ``held_out`` as ``val_size``, the number of images the run held out."""
+    config = {**flags_of(args), "val_size": held_out}
+    return Run(args.model_dir, config, modules, optimizer, scheduler, epochs=args.epochs, resume=args.resume,
+               overwrite=args.overwrite, seed=args.seed, save_freq=args.save_freq, held_out=bool(held_out),
+               generator=generator, select_by=select_by)
+
+
+def stage2_spec(args: argparse.Namespace) -> Stage2Spec:
+    """What ``add_stage2_args`` describes, for ``utils.training.stage2.prepare``."""
+    return Stage2Spec(args.model_dir, data_spec(args), device_spec(args), args.arch, args.pre_target, fast_path(args),
+                      train_attack(args), estimator_layer(args), args.va_mode, args.quirks, not args.no_progress)
+
+
+def estimator_run(args: argparse.Namespace, setup: Stage2Setup, estimators: nn.ModuleDict) -> Run:
+    """The stage-2 run the flags describe: Adam on the estimators (``--lr-mi``, ``--lr-milestones``,
+    ``--lr-gamma``), selecting by epoch number, as ``fit_estimators`` rewrites the files every epoch."""
+    optimizer, scheduler = adam(estimators, args.lr_mi, args.lr_milestones, args.lr_gamma)
+    return training_run(args, {"estimators": estimators}, optimizer, scheduler, setup.generator, setup.held_out,
+                        select_by="epoch")

@@ -6,7 +6,6 @@ training loop.
 
 ``namid_loss`` is L_mi as a pure function of the four per-sample MI vectors; ``namid_objective``
 computes those vectors from a model, the frozen estimators and a batch, and adds L_adv."""
-from types import SimpleNamespace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -14,7 +13,7 @@ import torch.nn as nn
 
 from models.estimator import MIEstimator
 from utils.mi.bounds import mi_per_sample
-from utils.mi.estimators import build_one_estimator, load_estimators, target_outputs
+from utils.mi.estimators import EstimatorSpec, build_estimators, internal_layer, load_estimators, target_outputs
 from utils.mi.objectives import if_nonempty, restrict, safe_cosine, set_size
 from utils.mi.patterns import masked_mean, select_samples, split_patterns
 from utils.mi.release_compat import NONE, BatchNormReplay, Quirks, release_stage3_passes
@@ -150,10 +149,9 @@ def load_mi_estimators(mi_dir, model: nn.Module, in_channels: int, num_classes: 
     train_MI_estimator.py wrote it; without one, H = 2048 and the logits). ``image_size`` is
     needed only for estimators that read an internal layer."""
     config = run_config(mi_dir)
-    flags = SimpleNamespace(va_hsize=config.get("va_hsize", 2048), is_internal=config.get("is_internal", False),
-                            is_internal_last=config.get("is_internal_last", False))
-    info = SimpleNamespace(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
-    device = next(model.parameters()).device
-    pair = {kind: build_one_estimator(flags, info, model, device) for kind in ("natural", "adversarial")}
+    spec = EstimatorSpec(config.get("va_hsize", 2048),
+                         internal_layer(config.get("is_internal", False), config.get("is_internal_last", False)),
+                         in_channels, num_classes, image_size)
+    pair = build_estimators(spec, model, next(model.parameters()).device)
     load_estimators(pair, mi_dir)
     return freeze(pair["natural"]), freeze(pair["adversarial"])

@@ -43,14 +43,14 @@ def bare_module(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def attack_mode(model: nn.Module):
-    """Eval mode (BatchNorm running statistics, no dropout) and no parameter gradients.
+def eval_mode(model: nn.Module, frozen: bool = False):
+    """Eval mode for the block (BatchNorm running statistics, no dropout); with ``frozen``, no
+    parameter gradients either.
 
-    Each module's mode and each parameter's ``requires_grad`` are restored afterwards, so a
-    model that was training goes on training with its BatchNorm statistics untouched by the
-    attack's forward passes."""
+    Each module's own mode (and each parameter's ``requires_grad``) is restored afterwards, so a
+    model that was training goes on training, with parts its caller froze still frozen."""
     modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = [(p, p.requires_grad) for p in model.parameters()] if frozen else []
     model.eval()
     for p, _ in flags:
         p.requires_grad_(False)
@@ -62,6 +62,11 @@ def attack_mode(model: nn.Module):
         for p, flag in flags:
             p.requires_grad_(flag)
 
+
+def attack_mode(model: nn.Module):
+    """How every attack holds the model: eval mode and no parameter gradients, both restored after
+    (the attack's forward passes leave a training model's BatchNorm statistics untouched)."""
+    return eval_mode(model, frozen=True)
 
 
 def lp_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:

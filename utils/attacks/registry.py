@@ -175,6 +175,42 @@ def build_attack(name: str, *, epsilon: Optional[float] = None,
                   epsilon_free=kind == "cw")
 
 
+@dataclass
+class Outcome:
+    """What an adversarial batch did to one model, per example (on the batch's device).
+
+    ``distance`` is the Lp size of the perturbation, None for a Wasserstein budget (FWA),
+    which is not checked here because the attack does not return its transport plan."""
+
+    adv_wrong: torch.Tensor
+    in_box: torch.Tensor
+    distance: Optional[torch.Tensor]
+
+    def in_ball(self, epsilon: float) -> torch.Tensor:
+        if self.distance is None:
+            return torch.ones_like(self.in_box)
+        return self.distance <= epsilon + BUDGET_TOL
+
+    def broken(self, epsilon: float) -> torch.Tensor:
+        """Misclassified, inside [0, 1] and inside ε: the rule of ``robust_mask`` and the evaluation engine."""
+        return self.adv_wrong & self.in_box & self.in_ball(epsilon)
+
+    def outside(self, epsilon: float, minimum_norm: bool = False) -> torch.Tensor:
+        """Misclassified examples outside the box or the budget (a mask): a bug for attacks with a
+        budget. A minimum-norm attack (CW, DDN) may leave the budget; only the box binds it."""
+        return self.adv_wrong & ~(self.in_box & (self.in_ball(epsilon) | minimum_norm))
+
+
+def attack_outcome(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
+                   attack: Attack) -> Outcome:
+    """Classify ``x_adv`` (no gradient) and measure each perturbation."""
+    with torch.no_grad():
+        adv_wrong = unwrap(model)(x_adv).argmax(dim=1) != y
+    in_box = ((x_adv >= -BUDGET_TOL) & (x_adv <= 1 + BUDGET_TOL)).flatten(1).all(dim=1)
+    distance = None if attack.budget == "wasserstein" else lp_norm(x_adv - x, attack.norm)
+    return Outcome(adv_wrong, in_box, distance)
+
+
 def robust_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
                 attack: Union[Attack, str]) -> torch.Tensor:
     """Bool (N,): True where the sample is classified correctly and the attack did not break it.
@@ -189,17 +225,10 @@ def robust_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch
     net = unwrap(model)
     with attack_mode(net), torch.no_grad():
         clean_right = net(x).argmax(dim=1) == y
-        adv_wrong = net(x_adv).argmax(dim=1) != y
-    flat = (x_adv - x).flatten(1)
-    in_box = ((x_adv >= -BUDGET_TOL) & (x_adv <= 1 + BUDGET_TOL)).flatten(1).all(dim=1)
-    if attack.budget == "wasserstein":
-        in_ball = torch.ones_like(in_box)
-    else:
-        in_ball = lp_norm(flat, attack.norm) <= attack.epsilon + BUDGET_TOL
-    outside = adv_wrong & ~(in_box & (in_ball | attack.minimum_norm))
+        outcome = attack_outcome(net, x, y, x_adv, attack)
+    outside = outcome.outside(attack.epsilon, attack.minimum_norm)
     if outside.any():
         warnings.warn(f"{attack.name}: {int(outside.sum())} misclassified example(s) outside [0, 1] or "
                       f"the {attack.budget} budget {attack.epsilon:.4g}; counted as not broken",
                       stacklevel=2)
-    broken = adv_wrong & in_box & in_ball
-    return clean_right & ~broken
+    return clean_right & ~outcome.broken(attack.epsilon)

@@ -11,9 +11,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
-from utils.attacks.registry import Attack
+from utils.attacks.registry import Attack, attack_outcome
 from utils.data.loaders import BatchLoader
 from utils.data.splits import Split
 from utils.evaluation.checks import (
@@ -24,8 +23,9 @@ from utils.evaluation.checks import (
     check_sweep,
     check_zero_gradients,
 )
-from utils.evaluation.results import ModelResult, Report, attack_outcome, forward_warnings
+from utils.evaluation.results import ModelResult, Report, forward_warnings
 from utils.training.device import seed_everything
+from utils.training.fast import FastPath
 
 # ---------------------------------------------------------------- the engine
 
@@ -65,7 +65,7 @@ class Evaluation:
         loader = BatchLoader(self.split, self.batch_size, device=self.device)
         start = 0
         bar = desc is not None and self.progress
-        for x, y in tqdm(loader, desc=desc, leave=False, disable=not bar, dynamic_ncols=True):
+        for x, y in FastPath().batches(loader, desc, bar):
             yield x, y, slice(start, start + y.shape[0])
             start += y.shape[0]
 

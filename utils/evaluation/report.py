@@ -3,7 +3,7 @@ them, the Fig. 4 MI tables, the ε sweep, the training curves and every stage's 
 import json
 import shlex
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -84,13 +84,13 @@ def results_markdown(merged: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(pipe, dataset: str) -> None:
-    """report.md in ``pipe.out``, from the files the pipeline left there. ``pipe`` is run_pipeline's
-    Pipeline: its ``args`` (preset, command), ``steps`` (label, module, stage, model_dir, …) and
-    ``log`` (the stage table's rows: stage, command, what this invocation did)."""
-    out = pipe.out
-    lines = [f"# NAMID pipeline report: preset `{pipe.args.preset}`", "",
-             f"Dataset: **{dataset}**. Command: `python run_pipeline.py {shlex.join(pipe.args.command)}`", "",
+def write_report(out: Path, preset: str, command: Sequence[str], dataset: str,
+                 curves: Sequence[Tuple[str, Path]], stages: Sequence[Tuple[str, str, str]]) -> None:
+    """report.md in ``out``, from the files the pipeline left there: ``command`` is run_pipeline.py's
+    command line, ``curves`` (label, run folder) the training runs whose curves.png to show, and
+    ``stages`` the stage table's rows (stage, command, what this invocation did)."""
+    lines = [f"# NAMID pipeline report: preset `{preset}`", "",
+             f"Dataset: **{dataset}**. Command: `python run_pipeline.py {shlex.join(command)}`", "",
              "## Our results", "", (out / "results.md").read_text().strip(), ""]
     paper = PAPER_TINY if dataset == "tiny-imagenet" else PAPER_LINF
     setting = "Tiny-ImageNet" if dataset == "tiny-imagenet" else "CIFAR-10"
@@ -108,13 +108,12 @@ def write_report(pipe, dataset: str) -> None:
         sweep = json.loads((out / "eval" / "eps_sweep.json").read_text())
         lines += ["## Accuracy against ε", "", "![accuracy against epsilon](eps_sweep.png)", "",
                   sweep_markdown(sweep), ""]
-    curves = [(label, model_dir.relative_to(out)) for label, _, _, model_dir, _, _ in pipe.steps
-              if (model_dir / "curves.png").exists()]
+    curves = [(label, folder.relative_to(out)) for label, folder in curves if (folder / "curves.png").exists()]
     if curves:
         lines += ["## Training curves", ""]
         for label, folder in curves:
             lines += [f"### {label}", "", f"![{label}: training curves]({folder.as_posix()}/curves.png)", ""]
-    lines += ["## Stages", "", markdown_table(["stage", "command", "this invocation"], pipe.log), ""]
+    lines += ["## Stages", "", markdown_table(["stage", "command", "this invocation"], stages), ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
 
 

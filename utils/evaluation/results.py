@@ -11,11 +11,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
-from utils.attacks.base import lp_norm, unwrap
-from utils.attacks.registry import BUDGET_TOL, Attack
 from utils.data.splits import Split
 
 # ---------------------------------------------------------------- warnings
@@ -71,41 +68,6 @@ def first_examples(split: Split, n: Optional[int]) -> Split:
     if n is None or n == len(split):
         return split
     return split.subset(torch.arange(n))
-
-
-@dataclass
-class Outcome:
-    """What an adversarial batch did to one model, per example (on the batch's device).
-
-    ``distance`` is the Lp size of the perturbation, None for a Wasserstein budget (FWA),
-    which is not checked here because the attack does not return its transport plan."""
-
-    adv_wrong: torch.Tensor
-    in_box: torch.Tensor
-    distance: Optional[torch.Tensor]
-
-    def in_ball(self, epsilon: float) -> torch.Tensor:
-        if self.distance is None:
-            return torch.ones_like(self.in_box)
-        return self.distance <= epsilon + BUDGET_TOL
-
-    def broken(self, epsilon: float) -> torch.Tensor:
-        """The registry's rule (``robust_mask``): misclassified, inside [0, 1] and inside ε."""
-        return self.adv_wrong & self.in_box & self.in_ball(epsilon)
-
-    def outside(self, epsilon: float) -> torch.Tensor:
-        """Misclassified examples outside the box or budget (a mask): a bug for non-minimum-norm attacks."""
-        return self.adv_wrong & ~(self.in_box & self.in_ball(epsilon))
-
-
-def attack_outcome(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
-                   attack: Attack) -> Outcome:
-    """Classify ``x_adv`` (no gradient) and measure each perturbation."""
-    with torch.no_grad():
-        adv_wrong = unwrap(model)(x_adv).argmax(dim=1) != y
-    in_box = ((x_adv >= -BUDGET_TOL) & (x_adv <= 1 + BUDGET_TOL)).flatten(1).all(dim=1)
-    distance = None if attack.budget == "wasserstein" else lp_norm(x_adv - x, attack.norm)
-    return Outcome(adv_wrong, in_box, distance)
 
 
 def accuracy(mask: torch.Tensor) -> float:

@@ -3,7 +3,7 @@
 Files use the release's names: local_n_model.pth, global_n_model.pth, local_a_model.pth,
 global_a_model.pth, each a plain state_dict."""
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,8 +11,9 @@ import torch.nn as nn
 from models import feature_shapes
 from models.estimator import MIEstimator, build_estimator
 from utils.attacks.base import bare_module
+from utils.mi.bounds import resolve_mode
 from utils.script import UserError
-from utils.training.checkpoint import atomic_save, load_weights, run_config
+from utils.training.checkpoint import load_weights, run_config
 
 ESTIMATOR_FILES = {
     ("natural", "local"): "local_n_model.pth",
@@ -28,44 +29,47 @@ RELEASE_FLAGS = {
 }
 
 
-# Flags that fix how the estimators read their inputs and score them: stage 3 must use stage 2's.
-ESTIMATOR_FLAGS = ("mi_mode", "va_hsize", "is_internal", "is_internal_last")
+class EstimatorSpec(NamedTuple):
+    """Which estimator to build (PAPER.md §3): the width H, the target layer its global net reads
+    (None: the logits; "layer3" or "layer4"), and the images and classes of the dataset."""
+    hsize: int
+    layer: Optional[str]
+    in_channels: int
+    num_classes: int
+    image_size: int = 32
 
 
-def check_stage2_flags(args, mi_dir) -> None:
-    """Refuse estimator flags that differ from those the stage-2 run in ``mi_dir`` recorded in its
-    config.json (a folder without one, e.g. the release's files, is not checked)."""
-    stored = run_config(mi_dir)
-    for key in ESTIMATOR_FLAGS:
-        now = vars(args)[key]
+def internal_layer(is_internal: bool = False, is_internal_last: bool = False) -> Optional[str]:
+    """The target layer the global nets read (``--is-internal``: layer3, ``--is-internal-last``:
+    layer4), or None: the logits."""
+    return "layer3" if is_internal else "layer4" if is_internal_last else None
+
+
+def check_stage2_config(settings: Dict[str, object], mi_dir) -> None:
+    """Refuse estimator settings (flag name without "--" -> value) that differ from those the
+    stage-2 run in ``mi_dir`` recorded in its config.json (a folder without one, e.g. the
+    release's files, is not checked)."""
+    stored = dict(run_config(mi_dir))
+    if "va_mode" in stored:  # the flag as given (fd + --va-fd-measure) names the same bound as its resolved form
+        stored["va_mode"] = resolve_mode(stored["va_mode"], stored.get("va_fd_measure", "JSD"))
+    for key, now in settings.items():
         if key in stored and stored[key] != now:
-            flag = "--va-mode" if key == "mi_mode" else f"--{key.replace('_', '-')}"
-            raise UserError(f"{flag}: the estimators in {mi_dir} were trained with {stored[key]!r}, "
-                            f"not {now!r}; pass the same value")
+            raise UserError(f"--{key.replace('_', '-')}: the estimators in {mi_dir} were trained with "
+                            f"{stored[key]!r}, not {now!r}; pass the same value")
 
 
-def internal_layer(args) -> Optional[str]:
-    """Which target layer the global nets read: None (logits), "layer3" or "layer4"."""
-    if args.is_internal:
-        return "layer3"
-    if args.is_internal_last:
-        return "layer4"
-    return None
-
-
-def build_one_estimator(args, info, target: nn.Module, device) -> MIEstimator:
-    """One estimator for this dataset and target, sized by ``--va-hsize`` and the internal flags."""
-    layer = internal_layer(args)
+def build_one_estimator(spec: EstimatorSpec, target: nn.Module, device) -> MIEstimator:
+    """One estimator for this dataset and target."""
     shape = None
-    if layer is not None:
+    if spec.layer is not None:
         # The plain module: a torch.compile wrapper would compile one more graph for this probe.
-        shape = feature_shapes(bare_module(target), (info.in_channels, info.image_size, info.image_size))[layer]
-    return build_estimator(info.in_channels, info.num_classes, args.va_hsize, layer, shape).to(device)
+        shape = feature_shapes(bare_module(target), (spec.in_channels, spec.image_size, spec.image_size))[spec.layer]
+    return build_estimator(spec.in_channels, spec.num_classes, spec.hsize, spec.layer, shape).to(device)
 
 
-def build_estimators(args, info, target: nn.Module, device) -> Dict[str, MIEstimator]:
+def build_estimators(spec: EstimatorSpec, target: nn.Module, device) -> Dict[str, MIEstimator]:
     """E_n and E_a (PAPER.md §3)."""
-    return {kind: build_one_estimator(args, info, target, device) for kind in ("natural", "adversarial")}
+    return {kind: build_one_estimator(spec, target, device) for kind in ("natural", "adversarial")}
 
 
 STANDARD_FILES = {"local": "local_std_model.pth", "global": "global_std_model.pth"}
@@ -86,12 +90,6 @@ def target_outputs(target: nn.Module, x: torch.Tensor, layer: Optional[str]) -> 
         return logits, logits
     logits, feats = target(x, return_features=True)
     return logits, feats[layer]
-
-
-def save_estimators(estimators: Dict[str, MIEstimator], model_dir) -> None:
-    for (kind, part), filename in ESTIMATOR_FILES.items():
-        module = estimators[kind].local if part == "local" else estimators[kind].global_
-        atomic_save(module.state_dict(), Path(model_dir) / filename)
 
 
 def estimator_best_files(estimators: Dict[str, MIEstimator]) -> Dict[str, nn.Module]:

@@ -154,10 +154,3 @@ class MITable:
         out["n_right"] = n_right
         out["n_wrong"] = n_wrong
         return out
-
-
-def mi_table(
-    mi_n_nat: Tensor, mi_n_adv: Tensor, mi_a_nat: Tensor, mi_a_adv: Tensor, sel: Selection
-) -> Dict[str, float]:
-    """The Fig. 4 table (§5) for one batch; use ``MITable`` to accumulate over several."""
-    return MITable().update(mi_n_nat, mi_n_adv, mi_a_nat, mi_a_adv, sel).result()

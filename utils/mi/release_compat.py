@@ -4,8 +4,6 @@ The authors' code differs from the method as specified in a few places that chan
 The defaults follow the specification; each of these quirks has its own flag, so that its
 effect can be measured alone, and ``--release-compat`` switches all of them on at once, to
 run what the authors ran. Crashes and hard-coded devices of the release are not among them."""
-import argparse
-import sys
 from dataclasses import dataclass, fields
 from typing import List, Sequence
 
@@ -42,8 +40,8 @@ class Quirks:
     start: bool = False
 
     @classmethod
-    def from_args(cls, args) -> "Quirks":
-        return cls(**{f.name: bool(vars(args)[f"release_{f.name}"]) for f in fields(cls)})
+    def names(cls) -> List[str]:
+        return [f.name for f in fields(cls)]
 
     @classmethod
     def release(cls) -> "Quirks":
@@ -51,25 +49,6 @@ class Quirks:
 
 
 NONE = Quirks()
-
-
-def add_release_args(p) -> None:
-    p.add_argument("--release-compat", action="store_true",
-                   help="switch on every --release-* quirk below: the release's numerics (PAPER.md §10)")
-    for flag, what in QUIRK_FLAGS.items():
-        p.add_argument(f"--{flag}", action="store_true", help=what)
-
-
-def finish_release_args(args: argparse.Namespace) -> argparse.Namespace:
-    """``--release-compat`` sets every quirk flag, so config.json records each one that was on."""
-    if args.release_compat:
-        for flag in QUIRK_FLAGS:
-            setattr(args, flag.replace("-", "_"), True)
-    args.quirks = Quirks.from_args(args)
-    if args.quirks.batch_bounds and args.mi_mode in ("jsd", "nce"):
-        print(f"note: --release-batch-bounds with --va-mode {args.va_mode}: every sample gets the batch mean "
-              "of the bound, so the cosine terms carry no gradient, as in the release", file=sys.stderr)
-    return args
 
 
 # Flags a run written before they existed did not record: it ran with each of them off.

@@ -1,20 +1,18 @@
 """The epoch loop of every training stage, and what it is made of: the meters, one pass over the
 data, clean and PGD accuracy, the clean warm-up and ε ramp of stages 1 and 3."""
-import contextlib
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from utils.attacks.base import unwrap
+from utils.attacks.base import eval_mode, unwrap
 from utils.attacks.pgd import pgd
 from utils.script import Interrupted, UserError
 from utils.training import distributed
+from utils.training.fast import FastPath
 from utils.training.run import Run
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple]
@@ -55,37 +53,12 @@ class Meter:
         return {k: float(s) / max(float(c), 1e-12) for k, s, c in zip(names, sums.cpu(), counts.cpu())}
 
 
-@dataclass(frozen=True)
-class FastPath:
-    """GPU fast-path options that change how a step is computed, not what it computes.
-
-    ``amp``: bf16 autocast for the model's forward passes (attack steps included); losses,
-    input gradients and the MI scores stay in fp32. ``channels_last``: NHWC batches."""
-    amp: bool = False
-    channels_last: bool = False
-
-    @classmethod
-    def from_args(cls, args) -> "FastPath":
-        """The options of ``add_speed_args``."""
-        return cls(amp=args.amp, channels_last=args.channels_last)
-
-    def autocast(self, device: torch.device):
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-    def batch(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-
 def train_epoch(model: nn.Module, loader, step: StepFn, optimizer, desc: str,
                 progress: bool = True, fast: FastPath = FastPath()) -> Dict[str, float]:
     """One pass over ``loader``. ``step(x, y)`` returns (loss, logits for accuracy, {name: scalar})."""
     model.train()
     meter = Meter()
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
-    for x, y in bar:
-        x = fast.batch(x)
+    for x, y in fast.batches(loader, desc, progress):
         with fast.autocast(x.device):
             loss, logits, extra = step(x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -101,26 +74,13 @@ def train_epoch(model: nn.Module, loader, step: StepFn, optimizer, desc: str,
     return meter.result()
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Eval mode for the block; each module's own mode is restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def evaluate(model: nn.Module, loader, epsilon: float, step_size: float, num_steps: int, norm: str,
              progress: bool = True, desc: str = "eval", fast: FastPath = FastPath()) -> Dict[str, float]:
     """Clean and PGD accuracy (%) in eval mode, summed over all processes under torchrun."""
     net = unwrap(model)  # no DDP collectives per batch: each process evaluates its own shard
     hits, total = None, 0
     with eval_mode(net):
-        for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-            x = fast.batch(x)
+        for x, y in fast.batches(loader, desc, progress):
             with fast.autocast(x.device):
                 with torch.no_grad():
                     clean = (net(x).argmax(dim=1) == y).sum()
@@ -132,9 +92,16 @@ def evaluate(model: nn.Module, loader, epsilon: float, step_size: float, num_ste
             total += y.shape[0]  # known on the host: a tensor of it per batch would be a copy to the device
     if hits is None:  # an empty shard still joins the reduction
         hits = torch.zeros(2, dtype=torch.float64)
-    counts = distributed.all_reduce_sum(torch.cat([hits, hits.new_tensor([total])]))
-    clean_acc, pgd_acc = (100.0 * counts[:2] / counts[2].clamp_min(1)).tolist()
-    return {"clean_acc": clean_acc, "pgd_acc": pgd_acc}
+    return accuracies(hits, total)
+
+
+def accuracies(hits: torch.Tensor, total: int) -> Dict[str, float]:
+    """Clean and PGD accuracy (%) from this process's (clean, robust) hit counts over ``total``
+    examples, summed over all processes under torchrun: one reduction, one read-back."""
+    hits = hits.double()
+    packed = distributed.all_reduce_sum(torch.cat([hits, hits.new_tensor([total])]))
+    clean, robust = (100.0 * packed[:2] / packed[2].clamp_min(1)).tolist()
+    return {"clean_acc": clean, "pgd_acc": robust}
 
 
 def cross_entropy_step(model: nn.Module) -> StepFn:
@@ -225,20 +192,28 @@ def target_steps(model: nn.Module, adversarial_step: Callable, epsilon: float, s
     return steps_for
 
 
-def fit_target(run: Run, first_epoch: int, model: nn.Module, train_loader, eval_loader, adversarial_step: Callable,
-               best_file: str, args, on_epoch: Optional[Callable[[int], None]] = None,
-               after_training: Optional[EpochHook] = None, after_evaluation: Optional[EpochHook] = None) -> None:
-    """``fit`` for stages 1 and 3: warm-up and ε ramp from the flags, and each epoch's clean and PGD
-    accuracy (and their mean) on the evaluation split."""
-    fast, progress = FastPath.from_args(args), not args.no_progress
+class TrainAttack(NamedTuple):
+    """The PGD of a training stage (PAPER.md §7; ``add_attack_args``): its budget and step, and its
+    steps per training batch and per evaluation batch."""
+    epsilon: float
+    step_size: float
+    num_steps: int
+    eval_steps: int
+    distance: str = "l_inf"
 
+
+def fit_target(run: Run, first_epoch: int, model: nn.Module, train_loader, eval_loader, adversarial_step: Callable,
+               best_file: str, attack: TrainAttack, *, warm_up_epochs: int = 0, ramp_epochs: int = 0,
+               fast: FastPath = FastPath(), progress: bool = True, on_epoch: Optional[Callable[[int], None]] = None,
+               after_training: Optional[EpochHook] = None, after_evaluation: Optional[EpochHook] = None) -> None:
+    """``fit`` for stages 1 and 3: clean warm-up and ε ramp, and each epoch's clean and PGD
+    accuracy (and their mean) on the evaluation split."""
     def evaluate_epoch():
-        stats = evaluate(model, eval_loader, args.epsilon, args.step_size, args.eval_steps, args.distance,
+        stats = evaluate(model, eval_loader, attack.epsilon, attack.step_size, attack.eval_steps, attack.distance,
                          progress and distributed.context().is_main, fast=fast)
         return {**stats, "mean_acc": (stats["clean_acc"] + stats["pgd_acc"]) / 2}
 
     fit(run, first_epoch, model, train_loader,
-        target_steps(model, adversarial_step, args.epsilon, args.step_size, args.warm_up_epochs,
-                     args.epsilon_ramp_epochs),
+        target_steps(model, adversarial_step, attack.epsilon, attack.step_size, warm_up_epochs, ramp_epochs),
         evaluate_epoch, {best_file: model}, fast=fast, progress=progress, on_epoch=on_epoch,
         after_training=after_training, after_evaluation=after_evaluation)

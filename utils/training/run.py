@@ -31,11 +31,6 @@ RESUME_MAY_CHANGE = frozenset({"epochs", "resume", "overwrite", "no_progress", "
                                "no_collapse_guard"})
 
 
-def flags_of(args) -> dict:
-    """The flags a run records in config.json: every plain value of the parsed arguments."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
-
-
 class Run:
     """A training run: its folder, the modules, optimizer and scheduler it checkpoints, and the
     best-model selection.
@@ -64,14 +59,6 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)  # checked writable by the setup, before the data loaded
         self.metrics_path = self.dir / "metrics.jsonl"
         self.last_path = self.dir / "last.pth"
-
-    @classmethod
-    def from_args(cls, args, modules: Dict[str, nn.Module], optimizer, scheduler,
-                  generator: Optional[torch.Generator] = None, select_by: str = "pgd_acc") -> "Run":
-        """The run that a script's flags (``add_run_args``, ``--epochs``, ``--val-size``) describe."""
-        return cls(args.model_dir, flags_of(args), modules, optimizer, scheduler, epochs=args.epochs,
-                   resume=args.resume, overwrite=args.overwrite, seed=args.seed, save_freq=args.save_freq,
-                   held_out=bool(args.val_size), generator=generator, select_by=select_by)
 
     @property
     def state(self) -> Dict[str, object]:

@@ -1,6 +1,7 @@
 """What every training stage sets up before its first epoch: the device, the seeded data and its
 loaders, the model (fresh for stages 1 and 3, frozen for stage 2) and its fast path."""
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch._functorch.config as functorch_config
@@ -13,72 +14,102 @@ from utils.script import UserError
 from utils.training import distributed
 from utils.training.checkpoint import load_weights, writable_dir
 from utils.training.device import prepare_device, seed_everything
+from utils.training.fast import FastPath
 
 
-class Setup(NamedTuple):
+class DataSpec(NamedTuple):
+    """What a stage reads (``add_data_args``): the dataset, its seeded subsets and the hold-out."""
+    dataset: str
+    data_dir: str
+    batch_size: int
+    seed: int = 0
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    val_size: Optional[int] = None  # None: the dataset's default hold-out
+
+
+class DeviceSpec(NamedTuple):
+    """Where a stage runs (``--device``, ``--no-cudnn-benchmark``, ``--tf32``)."""
+    device: str = "auto"
+    cudnn_benchmark: bool = True
+    tf32: bool = False
+
+
+@dataclass(frozen=True)
+class StageSetup:
+    """What ``setup`` returns: the device, the dataset's info, the two loaders and the count held out."""
     device: torch.device
     info: DatasetInfo
     train_loader: BatchLoader
     eval_loader: BatchLoader
     generator: torch.Generator  # the training loader's: last.pth keeps its state
+    held_out: int  # images held out for selection; config.json records it as val_size
 
 
-def setup(args) -> Setup:
-    """Check --model-dir, pick the device, seed, load the splits and build the loaders.
+def setup(model_dir, data: DataSpec, where: DeviceSpec = DeviceSpec()) -> StageSetup:
+    """Check ``model_dir``, pick the device, seed, load the splits and build the loaders.
 
     The training loader shuffles and augments with its own seeded generator, so a resumed run
-    sees the same batches. Under torchrun, --batch-size is the global batch: each process takes
-    its shard of every batch and of the evaluation split. ``args.val_size`` becomes the number of
-    held-out images, which config.json then records."""
-    writable_dir(args.model_dir, "--model-dir")  # before loading anything
-    device = prepare_device(args.device, args.batch_size, cudnn_benchmark=not args.no_cudnn_benchmark, tf32=args.tf32)
-    seed_everything(args.seed)
-    splits, info = load_splits(args.dataset, args.data_dir, train_limit=args.train_limit,
-                               test_limit=args.test_limit, val_size=args.val_size, seed=args.seed)
-    # The default hold-out depends on the training split's size: config.json records the count.
-    args.val_size = 0 if splits["val"] is None else len(splits["val"])
-    generator = torch.Generator().manual_seed(args.seed)
-    train_loader, eval_loader = training_loaders(args.batch_size, splits, info, device, generator)
-    return Setup(device, info, train_loader, eval_loader, generator)
+    sees the same batches. Under torchrun, ``data.batch_size`` is the global batch: each process
+    takes its shard of every batch and of the evaluation split."""
+    writable_dir(model_dir, "--model-dir")  # before loading anything
+    device = prepare_device(where.device, data.batch_size, cudnn_benchmark=where.cudnn_benchmark, tf32=where.tf32)
+    seed_everything(data.seed)
+    splits, info = load_splits(data.dataset, data.data_dir, train_limit=data.train_limit,
+                               test_limit=data.test_limit, val_size=data.val_size, seed=data.seed)
+    generator = torch.Generator().manual_seed(data.seed)
+    train_loader, eval_loader = training_loaders(data.batch_size, splits, info, device, generator)
+    held_out = 0 if splits["val"] is None else len(splits["val"])
+    return StageSetup(device, info, train_loader, eval_loader, generator, held_out)
 
 
-def fresh_model(args, info: DatasetInfo, device) -> nn.Module:
-    """Stages 1 and 3: a newly initialised ``--arch``, with the fast path and DDP as the flags ask."""
-    net = get_model(args.arch, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
-    return speed_up(net, args)
+def fresh_model(arch: str, info: DatasetInfo, device, fast: FastPath = FastPath()) -> nn.Module:
+    """Stages 1 and 3: a newly initialised ``arch``, with the fast path and DDP as ``fast`` asks."""
+    net = get_model(arch, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
+    return speed_up(net, fast)
 
 
-def sgd(model: nn.Module, args):
+class SGDSpec(NamedTuple):
+    """SGD with momentum and weight decay, and MultiStepLR (PAPER.md §7; ``add_optim_args``)."""
+    lr: float
+    momentum: float
+    weight_decay: float
+    milestones: Sequence[int]
+    gamma: float
+
+
+def sgd(model: nn.Module, spec: SGDSpec):
     """SGD with momentum and weight decay, and MultiStepLR (PAPER.md §7)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones,
-                                                           gamma=args.lr_gamma)
+    optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
+                                weight_decay=spec.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(spec.milestones),
+                                                           gamma=spec.gamma)
 
 
-def frozen_target(args, info: DatasetInfo, device) -> nn.Module:
+def frozen_target(arch: str, path, info: DatasetInfo, device, fast: FastPath = FastPath()) -> nn.Module:
     """Stage 2: the target h_θ0 of ``--pre-target``, in eval mode without parameter gradients."""
-    target = get_model(args.arch, num_classes=info.num_classes, in_channels=info.in_channels)
-    load_weights(target, args.pre_target, "--pre-target", f"--arch {args.arch} with {info.num_classes} classes")
+    target = get_model(arch, num_classes=info.num_classes, in_channels=info.in_channels)
+    load_weights(target, path, "--pre-target", f"--arch {arch} with {info.num_classes} classes")
     target.to(device).eval().requires_grad_(False)
-    if args.channels_last:
+    if fast.channels_last:
         target = target.to(memory_format=torch.channels_last)
-    if args.compile:
-        target = compiled(target, args.compile_backend)
+    if fast.compile:
+        target = compiled(target, fast.compile_backend)
     return target
 
 
-def speed_up(model: nn.Module, args) -> nn.Module:
-    """channels_last, SyncBatchNorm, torch.compile and DDP, as the flags ask; returns what to train.
+def speed_up(model: nn.Module, fast: FastPath) -> nn.Module:
+    """channels_last, SyncBatchNorm, torch.compile and DDP, as ``fast`` asks; returns what to train.
 
     The plain module stays reachable through ``bare_module`` for checkpoints."""
-    if args.channels_last:
+    if fast.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if args.sync_bn and distributed.context().enabled:
+    if fast.sync_bn and distributed.context().enabled:
         if next(model.parameters()).device.type != "cuda":
             raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU implementation)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if args.compile:
-        model = compiled(model, args.compile_backend)
+    if fast.compile:
+        model = compiled(model, fast.compile_backend)
     return distributed.wrap(model)
 
 
@@ -93,7 +124,7 @@ def compiled(model: nn.Module, backend: str = "inductor") -> nn.Module:
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 32))
-    # The gradient balance (utils.training.losses.grad_balance) differentiates a step's graph with
+    # The gradient balance (utils.training.balance.grad_balance) differentiates a step's graph with
     # retain_graph=True before the step's backward; AOTAutograd's donated buffers would free the
     # saved tensors at the first of those calls, and refuse them.
     if hasattr(functorch_config, "donated_buffer"):

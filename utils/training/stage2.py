@@ -1,110 +1,67 @@
-"""What the two stage-2 scripts share (PAPER.md §5): flags, the frozen target, the
-adversarial batch, the epoch loop, the per-epoch Fig. 4 table and its bar chart.
+"""What the two stage-2 scripts share (PAPER.md §5): the frozen target, the adversarial batch,
+the epoch loop, the per-epoch Fig. 4 table and its bar chart (their flags: ``utils.cli.add_stage2_args``).
 
 The scripts keep what is special about them: the estimators they train and their loss."""
-import argparse
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from models.estimator import MIEstimator
+from utils.attacks.base import eval_mode
 from utils.attacks.pgd import pgd
-from utils.cli import (
-    Parser,
-    add_attack_args,
-    add_data_args,
-    add_estimator_args,
-    add_model_args,
-    add_run_args,
-    add_speed_args,
-    check_non_negative,
-    check_positive,
-    finish_attack_args,
-    finish_estimator_args,
-    number,
-)
-from utils.data.loaders import BatchLoader
-from utils.data.splits import DatasetInfo
 from utils.mi.bounds import mi_per_sample
-from utils.mi.estimators import internal_layer, target_outputs
+from utils.mi.estimators import target_outputs
 from utils.mi.objectives import MITable
 from utils.mi.patterns import select_samples, split_patterns
-from utils.mi.release_compat import (
-    NONE,
-    BatchNormReplay,
-    Quirks,
-    add_release_args,
-    finish_release_args,
-    release_stage2_passes,
-)
+from utils.mi.release_compat import NONE, BatchNormReplay, Quirks, release_stage2_passes
 from utils.plots import pyplot, save_figure
 from utils.training import distributed
-from utils.training.loop import FastPath, StepFn, eval_mode, fit, format_metrics
+from utils.training.fast import FastPath
+from utils.training.loop import StepFn, TrainAttack, accuracies, fit, format_metrics
 from utils.training.run import Run
-from utils.training.setup import frozen_target, setup
+from utils.training.setup import DataSpec, DeviceSpec, StageSetup, frozen_target, setup
 
 Tensor = torch.Tensor
 
 
-# --------------------------------------------------------------------------- flags
-
-def add_stage2_args(p: Parser, *, model_dir: str, epochs: int, batch_size: int, milestones, gamma: float) -> None:
-    """Flags of both stage-2 scripts, with the release's names; the defaults are each script's."""
-    add_data_args(p, selects=False)
-    add_model_args(p)
-    p.add_argument("--pre-target", required=True,
-                   help="the frozen target h_θ0: stage 1's best_model.pth (or its last.pth)")
-    add_estimator_args(p)
-    add_release_args(p)
-    # The paper's threat model, the one stage 1 trained for (L∞ 8/255, PGD-10, step ε/4).
-    # The release's stage 2 defaulted to L2 ε 0.5 with 20 steps: --distance l_2 --num-steps 20.
-    add_attack_args(p, num_steps=10, eval_steps=None)
-    for action in p._actions:
-        if action.dest == "eval_steps":
-            action.help = "PGD steps for the per-epoch table and accuracy (default: --num-steps, the same attack)"
-    p.add_argument("--epochs", type=int, default=epochs, help="estimator training epochs")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="images per step")
-    p.add_argument("--lr-mi", type=number, default=1e-2, help="Adam learning rate of the estimators")
-    p.add_argument("--lr-milestones", type=int, nargs="*", default=list(milestones),
-                   help="epochs at which the learning rate is multiplied by --lr-gamma")
-    p.add_argument("--lr-gamma", type=number, default=gamma, help="learning-rate factor at each milestone")
-    add_speed_args(p)
-    add_run_args(p, model_dir=model_dir)
-
-
-def finish_stage2_args(p: Parser, args: argparse.Namespace) -> argparse.Namespace:
-    if args.eval_steps is None:
-        args.eval_steps = args.num_steps
-    finish_attack_args(p, args)
-    finish_estimator_args(p, args)
-    finish_release_args(args)
-    check_positive(p, args, "epochs", "batch_size", "lr_mi", "lr_gamma")
-    check_non_negative(p, args, "save_freq", "val_size")
-    return args
-
-
 # --------------------------------------------------------------------------- setup
 
-class Setup(NamedTuple):
-    """The shared setup (``training.setup.setup``) with stage 2's frozen target and the layer its global nets read."""
-    device: torch.device
-    info: DatasetInfo
-    train_loader: BatchLoader
-    eval_loader: BatchLoader
-    generator: torch.Generator
+class Stage2Spec(NamedTuple):
+    """What a stage-2 run needs besides its estimators (``utils.cli.stage2_spec`` builds it from the flags)."""
+    model_dir: str
+    data: DataSpec
+    where: DeviceSpec
+    arch: str
+    pre_target: str
+    fast: FastPath
+    attack: TrainAttack
+    layer: Optional[str]  # the target layer the global nets read; None: the logits
+    mode: str  # the MI bound (PAPER.md §3)
+    quirks: Quirks = NONE
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Stage2Setup(StageSetup):
+    """The shared setup (``training.setup.setup``), stage 2's frozen target, and the spec it came from."""
     target: nn.Module
-    layer: Optional[str]
+    spec: Stage2Spec
+
+    def attack_batch(self, x: Tensor, y: Tensor, num_steps: int) -> "AdvBatch":
+        return attack_batch(self.target, x, y, self.spec.attack, self.spec.layer, num_steps,
+                            normal_start=self.spec.quirks.start)
 
 
-def prepare(args: argparse.Namespace) -> Setup:
+def prepare(spec: Stage2Spec) -> Stage2Setup:
     """Seed, load the data, build the loaders (``utils.training.setup.setup``), and load the frozen target
     (eval mode, no gradients). Under torchrun each process takes its shard of every training batch
-    (--batch-size is the global batch) and of the evaluation split; the estimators see the inputs
+    (the batch size is the global batch) and of the evaluation split; the estimators see the inputs
     augmented as in stage 1, as the target was trained on them."""
-    shared = setup(args)
-    return Setup(*shared, frozen_target(args, shared.info, shared.device), internal_layer(args))
+    shared = setup(spec.model_dir, spec.data, spec.where)
+    target = frozen_target(spec.arch, spec.pre_target, shared.info, shared.device, spec.fast)
+    return Stage2Setup(**vars(shared), target=target, spec=spec)
 
 
 # --------------------------------------------------------------------------- one adversarial batch
@@ -122,10 +79,12 @@ class AdvBatch(NamedTuple):
     g_adv: Tensor
 
 
-def attack_batch(target: nn.Module, x: Tensor, y: Tensor, args, layer: Optional[str], num_steps: int) -> AdvBatch:
-    """x̃ = PGD(h_θ0, x); one no-grad forward of the frozen target on each of x and x̃."""
-    x_adv = pgd(target, x, y, args.epsilon, args.step_size, num_steps, args.distance,
-                random_start="normal" if args.quirks.start else "uniform")
+def attack_batch(target: nn.Module, x: Tensor, y: Tensor, attack: TrainAttack, layer: Optional[str], num_steps: int,
+                 normal_start: bool = False) -> AdvBatch:
+    """x̃ = PGD(h_θ0, x); one no-grad forward of the frozen target on each of x and x̃. ``normal_start``:
+    the release's start (``--release-start``)."""
+    x_adv = pgd(target, x, y, attack.epsilon, attack.step_size, num_steps, attack.distance,
+                random_start="normal" if normal_start else "uniform")
     with torch.no_grad():
         logits_nat, g_nat = target_outputs(target, x, layer)
         logits_adv, g_adv = target_outputs(target, x_adv, layer)
@@ -175,56 +134,50 @@ class ReleasePasses:
 
 # --------------------------------------------------------------------------- evaluation
 
-def _eval_batches(setup: Setup, args, progress: bool):
-    fast = FastPath.from_args(args)
-    for x, y in tqdm(setup.eval_loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
-        x = fast.batch(x)
+def _eval_batches(setup: Stage2Setup):
+    fast = setup.spec.fast
+    for x, y in fast.batches(setup.eval_loader, "eval", setup.spec.progress):
         with fast.autocast(x.device):
-            yield attack_batch(setup.target, x, y, args, setup.layer, args.eval_steps)
+            yield setup.attack_batch(x, y, setup.spec.attack.eval_steps)
 
 
-def _accuracies(counts: Tensor, total: int) -> Dict[str, float]:
-    packed = distributed.all_reduce_sum(torch.cat([counts.double(), counts.new_tensor([total], dtype=torch.float64)]))
-    counts, total = packed[:2], float(packed[2])
-    clean, robust = (100.0 * counts / max(total, 1)).tolist()
-    return {"clean_acc": clean, "pgd_acc": robust}
-
-
-def evaluate_mi_table(setup: Setup, estimators: nn.ModuleDict, args, progress: bool = True) -> Dict[str, float]:
+def evaluate_mi_table(setup: Stage2Setup, estimators: nn.ModuleDict) -> Dict[str, float]:
     """The Fig. 4 table (PAPER.md §5) on the evaluation split, plus the target's clean/PGD accuracy.
 
     R and W are the frozen target's, under the training attack (``--eval-steps`` steps)."""
     # Counts stay on the device: no host sync per batch, and NCCL reduces CUDA tensors only.
+    spec = setup.spec
     table, counts, total = MITable(), torch.zeros(2, device=setup.device), 0
     with eval_mode(estimators):
-        for b in _eval_batches(setup, args, progress):
+        for b in _eval_batches(setup):
             with torch.no_grad():
-                sel = select_samples(b.logits_nat, b.logits_adv, b.y, over_batch=args.quirks.selection)
-                table.update(*mi_vectors(estimators, b, args.mi_mode, estimate=True, quirks=args.quirks), sel)
+                sel = select_samples(b.logits_nat, b.logits_adv, b.y, over_batch=spec.quirks.selection)
+                table.update(*mi_vectors(estimators, b, spec.mode, estimate=True, quirks=spec.quirks), sel)
             counts += _correct(b)
             total += b.y.shape[0]
-    return {**table.all_reduce(setup.device).result(), **_accuracies(counts, total)}
+    return {**table.all_reduce(setup.device).result(), **accuracies(counts, total)}
 
 
-def evaluate_standard_mi(setup: Setup, estimator: MIEstimator, args, progress: bool = True) -> Dict[str, float]:
+def evaluate_standard_mi(setup: Stage2Setup, estimator: MIEstimator) -> Dict[str, float]:
     """Mean standard MI Î(x; h(x)) and Î(x̃; h(x̃)) on the evaluation split, plus the target's accuracy."""
+    spec = setup.spec
     sums = torch.zeros(2, dtype=torch.float64, device=setup.device)
     counts, total = torch.zeros(2, device=setup.device), 0
     with eval_mode(estimator):
-        for b in _eval_batches(setup, args, progress):
+        for b in _eval_batches(setup):
             with torch.no_grad():
-                mi_x = estimator.mi(b.x, b.g_nat, args.mi_mode, estimate=True, quirks=args.quirks)
-                mi_xadv = estimator.mi(b.x_adv, b.g_adv, args.mi_mode, estimate=True, quirks=args.quirks)
+                mi_x = estimator.mi(b.x, b.g_nat, spec.mode, estimate=True, quirks=spec.quirks)
+                mi_xadv = estimator.mi(b.x_adv, b.g_adv, spec.mode, estimate=True, quirks=spec.quirks)
             sums += torch.stack([mi_x.sum(), mi_xadv.sum()]).double()
             counts += _correct(b)
             total += b.y.shape[0]
     packed = distributed.all_reduce_sum(torch.cat([sums, sums.new_tensor([total])]))
     means = (packed[:2] / max(float(packed[2]), 1)).tolist()
-    return {"standard_mi_x": means[0], "standard_mi_xadv": means[1], **_accuracies(counts, total)}
+    return {"standard_mi_x": means[0], "standard_mi_xadv": means[1], **accuracies(counts, total)}
 
 
 def _correct(b: AdvBatch) -> Tensor:
-    return torch.stack([(b.logits_nat.argmax(1) == b.y).sum(), (b.logits_adv.argmax(1) == b.y).sum()]).float()
+    return torch.stack([(b.logits_nat.argmax(1) == b.y).sum(), (b.logits_adv.argmax(1) == b.y).sum()])
 
 
 # --------------------------------------------------------------------------- the bar chart
@@ -267,24 +220,24 @@ def plot_mi_table(record: dict, path) -> None:
 
 # --------------------------------------------------------------------------- the epoch loop
 
-def estimator_run(args, setup: Setup, estimators: nn.ModuleDict) -> Run:
-    """Adam and MultiStepLR on the estimators (PAPER.md §5), in a run that selects by epoch number:
-    the estimator files are rewritten every epoch (best = last, as the release kept its last epoch)."""
-    optimizer = torch.optim.Adam(estimators.parameters(), lr=args.lr_mi)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_gamma)
-    return Run.from_args(args, {"estimators": estimators}, optimizer, scheduler, setup.generator, select_by="epoch")
+def adam(estimators: nn.ModuleDict, lr: float, milestones: Sequence[int], gamma: float):
+    """Adam and MultiStepLR on the estimators (PAPER.md §5)."""
+    optimizer = torch.optim.Adam(estimators.parameters(), lr=lr)
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
 
 
-def fit_estimators(run: Run, first_epoch: int, args, setup: Setup, estimators: nn.ModuleDict, step: StepFn,
+def fit_estimators(run: Run, first_epoch: int, setup: Stage2Setup, estimators: nn.ModuleDict, step: StepFn,
                    evaluate: Callable[[], Dict[str, float]], best: Dict[str, nn.Module]) -> None:
     """``utils.training.loop.fit`` for stage 2: only ``estimators`` is put in train mode (the target stays
-    frozen in eval mode); each epoch writes the table to metrics.jsonl and mi_table.png."""
+    frozen in eval mode); each epoch writes the table to metrics.jsonl and mi_table.png. The run
+    selects by epoch number: the estimator files are rewritten every epoch (best = last, as the
+    release kept its last epoch)."""
     def show(record):
         plot_mi_table(record, run.dir / "mi_table.png")
         print(format_metrics(record) + "  " + summarize(record), flush=True)
 
     fit(run, first_epoch, estimators, setup.train_loader, lambda epoch: (step, {}), evaluate, best,
-        fast=FastPath.from_args(args), progress=not args.no_progress, show=show)
+        fast=setup.spec.fast, progress=setup.spec.progress, show=show)
 
 
 def summarize(record: dict) -> str:
