@@ -12,9 +12,8 @@ python run_pipeline.py --preset fashion-mnist --method all --seeds 0,1,2 --ablat
 #   python run_pipeline.py --preset fashion-mnist --method all --seeds 0,1,2 --ablations \
 #       --out-dir results/fashion-mnist --no-progress --dry-run
 # prints were run in two parallel lanes of one thread each (OMP_NUM_THREADS=1; a stage
-# started once the stages it needs were done; logs/lane*.txt has the times), then the
-# fourteen per-model evaluations it prints in two more lanes (logs/evals_progress.txt),
-# and finally the command above, which found every stage and evaluation complete, ran
+# started once the stages it needs were done), then the fourteen per-model evaluations
+# it prints in two more lanes, and finally the command above, which found every stage and evaluation complete, ran
 # the ε sweep and wrote results.json, results.md and report.md.
 
 # AutoAttack (standard version) on the first 500 test images, Standard AT and NAMID of seed 0
