@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from models import MODEL_NAMES, get_model
+from models import MODEL_NAMES
+from models.custom import build_model, normalized, parse_normalization
 from utils.attacks.autoattack import VERSIONS as AA_VERSIONS
 from utils.attacks.registry import GROUPS, build_attack, expand_attack_names
 from utils.cli import (
@@ -22,6 +23,8 @@ from utils.cli import (
     Parser,
     add_compile_backend_arg,
     add_data_args,
+    add_normalize_arg,
+    arch_spec,
     check_positive,
     linf_budget_problem,
     number,
@@ -67,12 +70,13 @@ class _AddModel(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None):
         models = list(getattr(namespace, "models", None) or [])
-        models.append({"flag": self.option_strings[0], "path": value, "name": None, "arch": None})
+        models.append({"flag": self.option_strings[0], "path": value, "name": None, "arch": None,
+                       "normalize": None})
         namespace.models = models
 
 
 class _ModelField(argparse.Action):
-    """--name / --arch: set on the latest model, or as the default before any model."""
+    """--name / --arch / --normalize: set on the latest model, or as the default before any model."""
 
     def __call__(self, parser, namespace, value, option_string=None):
         models = getattr(namespace, "models", None)
@@ -116,14 +120,17 @@ def build_parser() -> Parser:
                    help="evaluate this state_dict (repeatable)")
     p.add_argument("--name", action=_ModelField, default=None, metavar="LABEL",
                    help="label of the preceding model in the table (default: its file stem or folder name)")
-    p.add_argument("--arch", action=_ModelField, default=None, choices=MODEL_NAMES, metavar="ARCH",
-                   help=f"architecture of the preceding model, one of {', '.join(MODEL_NAMES)} "
+    p.add_argument("--arch", action=_ModelField, default=None, type=arch_spec, metavar="ARCH",
+                   help=f"architecture of the preceding model, one of {', '.join(MODEL_NAMES)}, or "
+                        "module.path:callable (imported from the working directory or PYTHONPATH, called with "
+                        "num_classes) "
                         f"(default: the arch in the run's config.json beside the checkpoint, else {DEFAULT_ARCH})")
+    add_normalize_arg(p, action=_ModelField)
     p.add_argument("--surrogate", default=None, metavar="PATH",
                    help="black-box transfer: craft every attack on this model and evaluate the models on the "
                         "result; the models are never asked for a gradient")
-    p.add_argument("--surrogate-arch", default=None, choices=MODEL_NAMES, metavar="ARCH",
-                   help=f"architecture of --surrogate (default: {DEFAULT_SURROGATE_ARCH}, the paper's)")
+    p.add_argument("--surrogate-arch", default=None, type=arch_spec, metavar="ARCH",
+                   help=f"architecture of --surrogate, as --arch (default: {DEFAULT_SURROGATE_ARCH}, the paper's)")
     # Attacks.
     p.add_argument("--attacks", default=DEFAULT_ATTACKS,
                    help="comma list of attacks or groups; the default is the paper's PGD-40 and AutoAttack at "
@@ -228,8 +235,11 @@ def resolve_models(args):
             file = path
             default_name = path.stem
         # No --arch given: the one the run was trained with, as its config.json recorded it.
-        arch = m["arch"] or args.arch or run_config(file.parent).get("arch") or DEFAULT_ARCH
-        out.append({"name": m["name"] or args.name, "default": default_name, "arch": arch,
+        config = run_config(file.parent)
+        arch = m["arch"] or args.arch or config.get("arch") or DEFAULT_ARCH
+        # A run trained with --normalize is evaluated through the same normalisation.
+        normalize = m["normalize"] or args.normalize or config.get("normalize")
+        out.append({"name": m["name"] or args.name, "default": default_name, "arch": arch, "normalize": normalize,
                     "path": file, "flag": m["flag"], "given": str(m["path"])})
     stems = [m["default"] for m in out]
     for m in out:
@@ -243,13 +253,21 @@ def resolve_models(args):
     return out
 
 
-def load_model(arch, path, flag, info, device, arch_flag="--arch"):
-    model = get_model(arch, num_classes=info.num_classes, in_channels=info.in_channels)
+def load_model(arch, path, flag, info, device, arch_flag="--arch", normalize=None):
+    """``arch`` with the weights of ``path``, normalising its inputs as ``normalize`` (a --normalize text) says."""
+    try:
+        model = build_model(arch, num_classes=info.num_classes, in_channels=info.in_channels)
+    except ValueError as err:
+        raise UserError(f"{arch_flag}: {err}") from None
     what = f"{arch_flag} {arch} ({info.num_classes} classes, {info.in_channels} channels)"
     trained = run_config(Path(path).parent).get("arch")
     if trained and trained != arch:
         what += f"; its run's config.json says --arch {trained}"
-    load_weights(model, path, flag, what)
+    load_weights(model, path, flag, what, arch_flag)
+    try:
+        model = normalized(model, parse_normalization(normalize) if normalize else None, info.in_channels)
+    except ValueError as err:
+        raise UserError(f"--normalize (for {flag} {path}): {err}") from None
     return model.to(device).eval()
 
 
@@ -345,9 +363,12 @@ def main(argv=None):
             model = model.to(memory_format=torch.channels_last)
         return compiled(model, args.compile_backend) if args.compile else model
 
-    targets = {s["name"]: fast(load_model(s["arch"], s["path"], s["flag"], info, device)) for s in specs}
+    targets = {s["name"]: fast(load_model(s["arch"], s["path"], s["flag"], info, device, normalize=s["normalize"]))
+               for s in specs}
     surrogate_arch = args.surrogate_arch or DEFAULT_SURROGATE_ARCH
-    surrogate = (fast(load_model(surrogate_arch, args.surrogate, "--surrogate", info, device, "--surrogate-arch"))
+    surrogate_normalize = run_config(Path(args.surrogate).parent).get("normalize") if args.surrogate else None
+    surrogate = (fast(load_model(surrogate_arch, args.surrogate, "--surrogate", info, device, "--surrogate-arch",
+                                 surrogate_normalize))
                  if args.surrogate
                  else None)
 
@@ -373,14 +394,16 @@ def main(argv=None):
     if args.md:
         atomic_write_text(args.md, text)
     if args.out:
-        info_by_name = {s["name"]: {"arch": s["arch"], "checkpoint": str(s["path"])} for s in specs}
+        info_by_name = {s["name"]: {"arch": s["arch"], "checkpoint": str(s["path"]), "normalize": s["normalize"]}
+                        for s in specs}
         payload = {
             "settings": {
                 "dataset": info.name, "data_dir": args.data_dir, "n_examples": len(split),
                 "examples": "first N of the test split" + (" (after --test-limit)" if args.test_limit else ""),
                 "test_limit": args.test_limit, "batch_size": args.batch_size, "seed": args.seed,
                 "device": str(device), "tf32": args.tf32, "mode": "transfer" if surrogate is not None else "white-box",
-                "surrogate": ({"checkpoint": args.surrogate, "arch": surrogate_arch} if surrogate is not None
+                "surrogate": ({"checkpoint": args.surrogate, "arch": surrogate_arch, "normalize": surrogate_normalize}
+                              if surrogate is not None
                               else None),
                 "aa_version": args.aa_version, "epsilon_flag": args.epsilon,
                 "seconds": "wall time per model and attack; in transfer mode each attack is crafted once on the "

@@ -146,12 +146,12 @@ def test_transfer_crafts_on_the_surrogate_only(trained, tmp_path, capsys, monkey
     def count_gradients(module, inputs):
         calls["surrogate_grad"] += int(torch.is_grad_enabled() and inputs[0].requires_grad)
 
-    def patched(name, num_classes=10, in_channels=3):
+    def patched(name, num_classes=10, in_channels=3, normalize=None):
         model = get_model(name, num_classes, in_channels)
         model.register_forward_pre_hook(forbid_gradients if name == "smallcnn" else count_gradients)
         return model
 
-    monkeypatch.setattr(script, "get_model", patched)
+    monkeypatch.setattr(script, "build_model", patched)
     code, out, err = _run(capsys, ["--checkpoint", trained / "best_model.pth", "--arch", "smallcnn",
                                    "--surrogate", tmp_path / "surrogate.pth", "--surrogate-arch", "smallcnn-nobn",
                                    "--attacks", "pgd3,mifgsm", "--n-examples", "16", "--out", tmp_path / "t.json"])

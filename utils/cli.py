@@ -9,6 +9,7 @@ from fractions import Fraction
 from typing import Optional
 
 from models import MODEL_NAMES
+from models.custom import NORMALIZE_PRESETS, check_arch, parse_normalization
 from utils.data.loaders import DATASETS
 from utils.mi.bounds import resolve_mode
 
@@ -80,6 +81,35 @@ def add_data_args(p: Parser, selects: bool = True) -> None:
 def add_model_args(p: Parser, default: str = "resnet18") -> None:
     p.add_argument("--arch", default=default, choices=MODEL_NAMES, metavar="{" + ",".join(MODEL_NAMES) + "}",
                    help="target network")
+    add_normalize_arg(p)
+
+
+def normalize_spec(text: str) -> str:
+    """The --normalize value as given (config.json records it so), once it parses."""
+    try:
+        parse_normalization(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def arch_spec(text: str) -> str:
+    """An --arch value: a name of MODEL_NAMES or ``module.path:callable`` (imported when the model is built)."""
+    try:
+        return check_arch(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+NORMALIZE_HELP = ("normalise the inputs inside the model: MEAN/STD, one comma-separated value per channel, e.g. "
+                  "0.4914,0.4822,0.4465/0.2471,0.2435,0.2616, or a preset (" + ", ".join(NORMALIZE_PRESETS) + "); "
+                  "attacks still work on images in [0, 1] (default: none)")
+
+
+def add_normalize_arg(p: Parser, **kwargs) -> None:
+    """--normalize, for the training scripts (recorded in config.json) and per model in test_comparison.py."""
+    kwargs.setdefault("default", None)
+    p.add_argument("--normalize", type=normalize_spec, metavar="MEAN/STD", help=NORMALIZE_HELP, **kwargs)
 
 
 def add_attack_args(p: Parser, num_steps: int = 10, eval_steps: int = 20) -> None:

@@ -6,7 +6,7 @@ import torch
 import torch._functorch.config as functorch_config
 import torch.nn as nn
 
-from models import get_model
+from models.custom import build_model, parse_normalization
 from utils.data.loaders import BatchLoader, load_splits
 from utils.data.splits import DatasetInfo
 from utils.script import UserError
@@ -44,8 +44,17 @@ def setup(args) -> Setup:
 
 def fresh_model(args, info: DatasetInfo, device) -> nn.Module:
     """Stages 1 and 3: a newly initialised ``--arch``, with the fast path and DDP as the flags ask."""
-    net = get_model(args.arch, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
-    return speed_up(net, args)
+    return speed_up(training_model(args, info).to(device), args)
+
+
+def training_model(args, info: DatasetInfo) -> nn.Module:
+    """``--arch``, normalising its inputs inside ``forward`` under ``--normalize``."""
+    normalize = getattr(args, "normalize", None)
+    try:
+        return build_model(args.arch, info.num_classes, info.in_channels,
+                           parse_normalization(normalize) if normalize else None)
+    except ValueError as err:
+        raise UserError(f"--normalize: {err}") from None
 
 
 def sgd(model: nn.Module, args):
@@ -57,7 +66,7 @@ def sgd(model: nn.Module, args):
 
 def frozen_target(args, info: DatasetInfo, device) -> nn.Module:
     """Stage 2: the target h_θ0 of ``--pre-target``, in eval mode without parameter gradients."""
-    target = get_model(args.arch, num_classes=info.num_classes, in_channels=info.in_channels)
+    target = training_model(args, info)
     load_weights(target, args.pre_target, "--pre-target", f"--arch {args.arch} with {info.num_classes} classes")
     target.to(device).eval().requires_grad_(False)
     if args.channels_last:
