@@ -3,7 +3,8 @@
 Prints a Markdown table (one row per model: clean, each attack, and the per-example worst
 case over all attacks) and writes it as JSON (--out) and Markdown (--md). Every attack runs
 on the same first --n-examples test images. With --surrogate the attacks are crafted on the
-surrogate and only transferred to the models (black-box). Trust checks warn on stderr."""
+surrogate and only transferred to the models (black-box). Trust checks warn on stderr. Under
+torchrun each process evaluates a block of whole batches and the first one writes the results."""
 import argparse
 import json
 import platform
@@ -41,6 +42,7 @@ from utils.evaluation.output import (
 )
 from utils.evaluation.results import Report, first_examples
 from utils.script import UserError, run_main
+from utils.training import distributed
 from utils.training.checkpoint import atomic_write_text, load_weights, run_config, writable_dir
 from utils.training.device import resolve_device, seed_everything, set_tf32
 from utils.training.loop import FastPath
@@ -345,7 +347,8 @@ def main(argv=None):
 
     from utils.data.loaders import load_splits  # torchvision is slow to import; --help and flag errors need none of it
 
-    device = resolve_device(args.device)
+    ctx = distributed.init(args.device)
+    device = distributed.device_for(resolve_device(args.device))
     seed_everything(args.seed)
     splits, info = load_splits(args.dataset, args.data_dir, train_limit=args.train_limit,
                                test_limit=args.test_limit, val_size=args.val_size, seed=args.seed)
@@ -372,15 +375,17 @@ def main(argv=None):
                  if args.surrogate
                  else None)
 
-    report = Report()
+    report = Report(echo=ctx.is_main)  # the other processes' warnings reach the first one's report
     if args.epsilon is not None and len({a.norm for a in attacks}) > 1:
         report.warn(f"--epsilon {args.epsilon:.4g} applies to L-inf and L2 attacks alike; "
                     "the budgets of the two norms differ by an order of magnitude")
     engine = Evaluation(targets, split, batch_size=args.batch_size, device=device, surrogate=surrogate,
-                        seed=args.seed, progress=not args.no_progress, report=report)
+                        seed=args.seed, progress=not args.no_progress and ctx.is_main, report=report)
     with FastPath(amp=args.amp).autocast(device):
         results = engine.run(attacks, sweeps, args.eps_sweep or ())
     engine.trust_checks(attacks)
+    if not ctx.is_main:
+        return
     ordered = [results[s["name"]] for s in specs]
 
     text = results_table(ordered, [a.name for a in attacks]) + "\n\n" + caption(
@@ -401,7 +406,8 @@ def main(argv=None):
                 "dataset": info.name, "data_dir": args.data_dir, "n_examples": len(split),
                 "examples": "first N of the test split" + (" (after --test-limit)" if args.test_limit else ""),
                 "test_limit": args.test_limit, "batch_size": args.batch_size, "seed": args.seed,
-                "device": str(device), "tf32": args.tf32, "mode": "transfer" if surrogate is not None else "white-box",
+                "device": str(device), "processes": ctx.world_size, "tf32": args.tf32,
+                "mode": "transfer" if surrogate is not None else "white-box",
                 "surrogate": ({"checkpoint": args.surrogate, "arch": surrogate_arch, "normalize": surrogate_normalize}
                               if surrogate is not None
                               else None),

@@ -323,3 +323,37 @@ def test_the_caption_says_when_the_examples_come_from_a_test_limit_subset():
     assert script.examples_phrase(script.parse_args(["--model-dir", "d"]), 200) == "first 200 test images"
     limited = script.parse_args(["--model-dir", "d", "--test-limit", "500"])
     assert script.examples_phrase(limited, 200) == "first 200 of a seeded subset of 500 test images (--test-limit)"
+
+
+# ---------------------------------------------------------------- torchrun
+
+
+def test_two_processes_give_the_one_process_evaluation(trained, tmp_path):
+    """Under torchrun (2 gloo processes) each process takes a block of whole batches (2 of 16 and 1 of
+    8 here, an uneven split), and the first one writes the table: every example counted once, the same
+    numbers as one process, attack noise included (each batch is seeded by its index)."""
+    import os
+    import subprocess
+
+    common = [*DATA, "--model-dir", str(trained), "--arch", "smallcnn", "--attacks", "pgd3,mifgsm",
+              "--n-examples", "40", "--batch-size", "16", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(prefix, name):
+        done = subprocess.run([*prefix, "test_comparison.py", *common, "--out", str(tmp_path / f"{name}.json"),
+                               "--md", str(tmp_path / f"{name}.md")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done
+
+    run([sys.executable], "one")
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "two")
+    assert two.stdout.count("| model |") == 1  # one table, from the first process only
+    a, b = _json(tmp_path / "one.json"), _json(tmp_path / "two.json")
+    assert (a["settings"]["processes"], b["settings"]["processes"]) == (1, 2)
+    for m, n in zip(a["models"], b["models"], strict=True):
+        assert n["n"] == m["n"] == 40
+        assert n["correct"] == m["correct"] and n["attacks"] == m["attacks"] and n["clean"] == m["clean"]
+    assert m["correct"]["pgd3"] < m["correct"]["clean"]  # the attack did something to compare
+    assert (tmp_path / "one.md").read_text() == (tmp_path / "two.md").read_text()
+    assert a["warnings"] == b["warnings"]
