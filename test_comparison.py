@@ -18,6 +18,7 @@ import torch
 from models import MODEL_NAMES
 from models.custom import build_model, normalized, parse_normalization
 from utils.attacks.autoattack import VERSIONS as AA_VERSIONS
+from utils.attacks.autoattack import StateMismatch
 from utils.attacks.registry import GROUPS, build_attack, expand_attack_names
 from utils.cli import (
     TF32_HELP,
@@ -41,7 +42,7 @@ from utils.evaluation.output import (
     sweep_table,
 )
 from utils.evaluation.results import Report, first_examples
-from utils.script import UserError, run_main
+from utils.script import Interrupted, UserError, run_main
 from utils.training import distributed
 from utils.training.checkpoint import atomic_write_text, load_weights, run_config, writable_dir
 from utils.training.device import resolve_device, seed_everything, set_tf32
@@ -141,6 +142,9 @@ def build_parser() -> Parser:
                    help="ONE budget for every attack, e.g. 8/255 (default: per attack, 8/255 L-inf, 0.5 L2)")
     p.add_argument("--aa-version", default="standard", choices=[v for v in AA_VERSIONS if v != "custom"],
                    help="AutoAttack version: standard (the paper's), plus, rand, release (40 iterations)")
+    p.add_argument("--aa-state", default=None, metavar="DIR",
+                   help="keep AutoAttack's progress per model and batch in DIR; the same command run again "
+                        "(after a kill or Ctrl-C) resumes it: finished sub-attacks are read back, not repeated")
     p.add_argument("--eps-sweep", type=_epsilon_list, default=None, metavar="EPS_LIST",
                    help="also measure accuracy at each of these budgets, e.g. 0,2/255,4/255,8/255,16/255, "
                         "and plot it against epsilon")
@@ -192,6 +196,8 @@ def parse_args(argv=None):
         p.error("--sweep-attacks needs --eps-sweep")
     if args.plot is not None and args.eps_sweep is None:
         p.error("--plot draws the --eps-sweep curves: it needs --eps-sweep")
+    if args.aa_state is not None and "aa" not in args.attack_names + (args.sweep_names or []):
+        p.error("--aa-state keeps AutoAttack's progress: it needs aa in --attacks or --sweep-attacks")
     return args
 
 
@@ -329,6 +335,10 @@ def check_output_paths(args, sweeps) -> None:
     paths = [("--out", args.out), ("--md", args.md)]
     if sweeps:
         paths.append(("--plot", default_plot_path(args)))
+    if args.aa_state is not None:
+        if Path(args.aa_state).is_file():
+            raise UserError(f"--aa-state: {args.aa_state} is a file; give a folder")
+        writable_dir(args.aa_state, "--aa-state")
     for flag, path in paths:
         if path is None:
             continue
@@ -380,9 +390,18 @@ def main(argv=None):
         report.warn(f"--epsilon {args.epsilon:.4g} applies to L-inf and L2 attacks alike; "
                     "the budgets of the two norms differ by an order of magnitude")
     engine = Evaluation(targets, split, batch_size=args.batch_size, device=device, surrogate=surrogate,
-                        seed=args.seed, progress=not args.no_progress and ctx.is_main, report=report)
-    with FastPath(amp=args.amp).autocast(device):
-        results = engine.run(attacks, sweeps, args.eps_sweep or ())
+                        seed=args.seed, progress=not args.no_progress and ctx.is_main, report=report,
+                        aa_state=args.aa_state)
+    try:
+        with FastPath(amp=args.amp).autocast(device):
+            results = engine.run(attacks, sweeps, args.eps_sweep or ())
+    except StateMismatch as err:
+        raise UserError(f"--aa-state: {err}") from None
+    except KeyboardInterrupt:
+        if args.aa_state is None:
+            raise
+        raise Interrupted(f"interrupted; no result file was written. AutoAttack's progress is in {args.aa_state}: "
+                          "run the same command again to resume it") from None
     engine.trust_checks(attacks)
     if not ctx.is_main:
         return
@@ -411,7 +430,7 @@ def main(argv=None):
                 "surrogate": ({"checkpoint": args.surrogate, "arch": surrogate_arch, "normalize": surrogate_normalize}
                               if surrogate is not None
                               else None),
-                "aa_version": args.aa_version, "epsilon_flag": args.epsilon,
+                "aa_version": args.aa_version, "aa_state": args.aa_state, "epsilon_flag": args.epsilon,
                 "seconds": "wall time per model and attack; in transfer mode each attack is crafted once on the "
                            "surrogate and that time is included in every model's",
                 "attacks": attack_settings(attacks),

@@ -357,3 +357,54 @@ def test_two_processes_give_the_one_process_evaluation(trained, tmp_path):
     assert m["correct"]["pgd3"] < m["correct"]["clean"]  # the attack did something to compare
     assert (tmp_path / "one.md").read_text() == (tmp_path / "two.md").read_text()
     assert a["warnings"] == b["warnings"]
+
+
+# ---------------------------------------------------------------- --aa-state
+
+
+def test_autoattack_killed_and_resumed_equals_an_uninterrupted_run(trained, tmp_path, capsys, monkeypatch):
+    """A kill right after the second sub-attack of the second batch was written; the same command
+    then reads the first batch back whole, runs only FAB-T and Square on the second, and writes the
+    numbers of a run without --aa-state."""
+    import utils.attacks.autoattack as aa
+    import utils.training.checkpoint as checkpoint
+    from tests.test_autoattack import _spy_calls
+
+    real_build = aa.build_autoattack
+
+    def brief(*args, **kwargs):  # every sub-attack of the standard version, briefly
+        adversary = real_build(*args, **kwargs)
+        aa.set_iterations(adversary, 2)
+        adversary.square.n_queries = 20
+        return adversary
+
+    monkeypatch.setattr(aa, "build_autoattack", brief)
+    argv = ["--model-dir", trained, "--arch", "smallcnn", "--attacks", "pgd2,aa", "--n-examples", "32",
+            "--batch-size", "16", "--epsilon", "16/255"]
+    code, _, err = _run(capsys, [*argv, "--out", tmp_path / "full.json"])
+    assert code == 0, err
+
+    real_save = checkpoint.atomic_save
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        if path.name == "batch00001.pt" and state["run_attacks"] == ["apgd-ce", "apgd-t"]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "atomic_save", save_then_die)
+    state = ["--aa-state", tmp_path / "aa", "--out", tmp_path / "resumed.json"]
+    code, _, err = _run(capsys, [*argv, *state])
+    assert code == 130 and "run the same command again to resume" in err and "Traceback" not in err
+    assert not (tmp_path / "resumed.json").exists()
+    monkeypatch.setattr(checkpoint, "atomic_save", real_save)
+    calls = _spy_calls(monkeypatch)
+    code, _, err = _run(capsys, [*argv, *state])
+    assert code == 0, err
+    assert [c[0] for c in calls] == [("fab-t",), ("square",)][:len(calls)]  # nothing attacked twice
+    full, resumed = _json(tmp_path / "full.json")["models"][0], _json(tmp_path / "resumed.json")["models"][0]
+    assert resumed["correct"] == full["correct"] and resumed["attacks"] == full["attacks"]
+    assert full["correct"]["aa"] < full["correct"]["clean"]  # AutoAttack broke something to restore
+
+    # The state of other batches (another --batch-size) is refused in one line.
+    other = [*argv[:-4], "--batch-size", "8", "--epsilon", "16/255", *state]
+    assert_user_error(_run(capsys, other), "--aa-state", "other examples or settings")

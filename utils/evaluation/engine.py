@@ -9,15 +9,20 @@ and the results are gathered in order, every example counted once.
 Per-model results live in ``utils.evaluation.results``, the trust checks run on them in
 ``utils.evaluation.checks``, and the tables, JSON and plot that report them are made by
 ``utils.evaluation.output``."""
+import contextlib
 import dataclasses
+import hashlib
 import math
+import re
 import time
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from utils.attacks.autoattack import resume_from
 from utils.attacks.registry import Attack
 from utils.data.loaders import BatchLoader
 from utils.data.splits import Split
@@ -49,11 +54,14 @@ class Evaluation:
 
     White-box: each target is attacked through its own gradients. Transfer (``surrogate``
     given): each attack is crafted once on the surrogate and the same examples are fed to
-    every target; targets then only ever run under ``torch.no_grad()``."""
+    every target; targets then only ever run under ``torch.no_grad()``.
+
+    ``aa_state``: a folder where AutoAttack keeps each batch's progress (``resume_from``); run again
+    with the same folder, the finished sub-attacks of every batch are read back, not repeated."""
 
     def __init__(self, targets: Dict[str, nn.Module], split: Split, *, batch_size: int, device,
                  surrogate: Optional[nn.Module] = None, seed: int = 0, progress: bool = True,
-                 report: Optional[Report] = None):
+                 report: Optional[Report] = None, aa_state: Optional[Path] = None):
         self.targets = targets
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -65,6 +73,7 @@ class Evaluation:
         self.seed = seed
         self.progress = progress
         self.report = report if report is not None else Report()
+        self.aa_state = None if aa_state is None else Path(aa_state)
         self.results: Dict[str, ModelResult] = {}
         self._clean: Dict[str, torch.Tensor] = {}  # each target's clean mask, on the device
 
@@ -141,7 +150,8 @@ class Evaluation:
                 # Whole batches, every one of the same size (cuDNN and torch.compile meet one shape):
                 # an example the target already misclassifies counts as broken whatever the attack did.
                 began = time.perf_counter()
-                x_adv = attack(source, x, y)
+                with self._resumable(attack, desc, k):
+                    x_adv = attack(source, x, y)
                 _sync(self.device)
                 craft += time.perf_counter() - began
                 for n in names:
@@ -168,6 +178,14 @@ class Evaluation:
                   for n, by_eps in masks.items()}
         # A transferred attack's crafting is shared: each target is charged all of it plus its own evaluation.
         return joined, {n: craft + own[n] for n in names}
+
+    def _resumable(self, attack: Attack, label: str, batch: int):
+        """AutoAttack's state file for this batch under ``aa_state`` (no state for other attacks)."""
+        if self.aa_state is None or attack.name != "aa":
+            return contextlib.nullcontext()
+        # A readable folder per model, and a hash so that "a b" and "a_b" never share one.
+        folder = re.sub(r"[^\w.-]+", "_", label) + "-" + hashlib.sha1(label.encode()).hexdigest()[:8]
+        return resume_from(self.aa_state / folder / f"{attack.norm}-{attack.epsilon:.6g}" / f"batch{batch:05d}.pt")
 
     def run(self, attacks: Sequence[Attack], sweep_attacks: Sequence[Attack] = (),
             epsilons: Sequence[float] = ()) -> Dict[str, ModelResult]:
