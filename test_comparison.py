@@ -39,6 +39,7 @@ from utils.evaluation.output import (
     plot_sweep,
     results_json,
     results_table,
+    robustbench_claims,
     sweep_table,
 )
 from utils.evaluation.results import Report, first_examples
@@ -172,6 +173,9 @@ def build_parser() -> Parser:
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="turn off cudnn.benchmark (on by default on CUDA)")
     p.add_argument("--tf32", action="store_true", help=TF32_HELP)
     p.add_argument("--md", default=None, metavar="FILE", help="also write the Markdown tables to FILE")
+    p.add_argument("--robustbench-json", default=None, metavar="FILE",
+                   help="also write one RobustBench claim per model (clean_acc, autoattack_acc, eps, threat_model, "
+                        "...) from the table's numbers; needs aa in --attacks and a white-box evaluation")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     return p
@@ -196,6 +200,10 @@ def parse_args(argv=None):
         p.error("--sweep-attacks needs --eps-sweep")
     if args.plot is not None and args.eps_sweep is None:
         p.error("--plot draws the --eps-sweep curves: it needs --eps-sweep")
+    if args.robustbench_json is not None and "aa" not in args.attack_names:
+        p.error("--robustbench-json reports AutoAttack's accuracy: it needs aa in --attacks")
+    if args.robustbench_json is not None and args.surrogate is not None:
+        p.error("--robustbench-json: a transferred attack is no RobustBench claim; leave out --surrogate")
     if args.aa_state is not None and "aa" not in args.attack_names + (args.sweep_names or []):
         p.error("--aa-state keeps AutoAttack's progress: it needs aa in --attacks or --sweep-attacks")
     return args
@@ -332,7 +340,7 @@ def checked_attacks(args):
 
 def check_output_paths(args, sweeps) -> None:
     """Refuse an output path that cannot be written before the evaluation, not after it."""
-    paths = [("--out", args.out), ("--md", args.md)]
+    paths = [("--out", args.out), ("--md", args.md), ("--robustbench-json", args.robustbench_json)]
     if sweeps:
         paths.append(("--plot", default_plot_path(args)))
     if args.aa_state is not None:
@@ -417,6 +425,10 @@ def main(argv=None):
     sys.stdout.flush()
     if args.md:
         atomic_write_text(args.md, text)
+    if args.robustbench_json:
+        claims = robustbench_claims(ordered, next(a for a in attacks if a.name == "aa"),
+                                    {s["name"]: s["arch"] for s in specs}, args.dataset, args.aa_version)
+        atomic_write_text(args.robustbench_json, json.dumps(claims, indent=2) + "\n")
     if args.out:
         info_by_name = {s["name"]: {"arch": s["arch"], "checkpoint": str(s["path"]), "normalize": s["normalize"]}
                         for s in specs}

@@ -362,23 +362,30 @@ def test_two_processes_give_the_one_process_evaluation(trained, tmp_path):
 # ---------------------------------------------------------------- --aa-state
 
 
-def test_autoattack_killed_and_resumed_equals_an_uninterrupted_run(trained, tmp_path, capsys, monkeypatch):
-    """A kill right after the second sub-attack of the second batch was written; the same command
-    then reads the first batch back whole, runs only FAB-T and Square on the second, and writes the
-    numbers of a run without --aa-state."""
+@pytest.fixture
+def brief_autoattack(monkeypatch):
+    """Every sub-attack of AutoAttack's standard version, briefly (2 iterations, 20 Square queries)."""
     import utils.attacks.autoattack as aa
-    import utils.training.checkpoint as checkpoint
-    from tests.test_autoattack import _spy_calls
 
     real_build = aa.build_autoattack
 
-    def brief(*args, **kwargs):  # every sub-attack of the standard version, briefly
+    def brief(*args, **kwargs):
         adversary = real_build(*args, **kwargs)
         aa.set_iterations(adversary, 2)
         adversary.square.n_queries = 20
         return adversary
 
     monkeypatch.setattr(aa, "build_autoattack", brief)
+
+
+def test_autoattack_killed_and_resumed_equals_an_uninterrupted_run(trained, tmp_path, capsys, monkeypatch,
+                                                                    brief_autoattack):
+    """A kill right after the second sub-attack of the second batch was written; the same command
+    then reads the first batch back whole, runs only FAB-T and Square on the second, and writes the
+    numbers of a run without --aa-state."""
+    import utils.training.checkpoint as checkpoint
+    from tests.test_autoattack import _spy_calls
+
     argv = ["--model-dir", trained, "--arch", "smallcnn", "--attacks", "pgd2,aa", "--n-examples", "32",
             "--batch-size", "16", "--epsilon", "16/255"]
     code, _, err = _run(capsys, [*argv, "--out", tmp_path / "full.json"])
@@ -408,3 +415,40 @@ def test_autoattack_killed_and_resumed_equals_an_uninterrupted_run(trained, tmp_
     # The state of other batches (another --batch-size) is refused in one line.
     other = [*argv[:-4], "--batch-size", "8", "--epsilon", "16/255", *state]
     assert_user_error(_run(capsys, other), "--aa-state", "other examples or settings")
+
+
+# ---------------------------------------------------------------- --robustbench-json
+
+
+def test_robustbench_claims_hold_the_tables_numbers_field_by_field(trained, tmp_path, capsys, brief_autoattack):
+    code, _, err = _run(capsys, ["--model-dir", trained, "--name", "std", "--checkpoint", trained / "best_model.pth",
+                                 "--name", "again", "--arch", "smallcnn", "--attacks", "pgd2,aa", "--n-examples", "24",
+                                 "--out", tmp_path / "r.json", "--robustbench-json", tmp_path / "rb.json"])
+    assert code == 0, err
+    models = {m["name"]: m for m in _json(tmp_path / "r.json")["models"]}
+    claims = _json(tmp_path / "rb.json")
+    assert [c["name"] for c in claims] == ["std", "again"]
+    for claim in claims:
+        model = models[claim["name"]]
+        assert set(claim) == {"name", "dataset", "threat_model", "eps", "clean_acc", "autoattack_acc", "architecture",
+                              "additional_data", "number_forward_passes", "n_examples", "autoattack_version"}
+        assert claim["clean_acc"] == f"{model['clean']:.2f}" and float(claim["clean_acc"]) > 10
+        assert claim["autoattack_acc"] == f"{model['attacks']['aa']:.2f}"
+        assert float(claim["autoattack_acc"]) <= float(claim["clean_acc"])
+        assert claim["eps"] == "8/255" and claim["threat_model"] == "Linf" and claim["dataset"] == "synthetic"
+        assert claim["architecture"] == model["arch"] == "smallcnn"
+        assert claim["additional_data"] is False and claim["number_forward_passes"] == 1
+        assert claim["n_examples"] == model["n"] == 24 and claim["autoattack_version"] == "standard"
+    assert_user_error(_run(capsys, ["--model-dir", trained, "--attacks", "pgd2", "--robustbench-json", tmp_path / "x"]),
+                      "--robustbench-json", "aa")
+
+
+def test_robustbench_claim_of_an_l2_evaluation():
+    from tests.helpers import model_result
+    from utils.evaluation.output import robustbench_claims
+
+    result = model_result([1, 1, 1, 0], aa=[1, 0, 0, 0])
+    (claim,) = robustbench_claims([result], build_attack("aa", norm="l2"), {"m": "mine:net"}, "cifar10", "standard")
+    assert (claim["threat_model"], claim["eps"], claim["clean_acc"], claim["autoattack_acc"]) == ("L2", "0.5", "75.00",
+                                                                                                  "25.00")
+    assert claim["architecture"] == "mine:net" and claim["n_examples"] == 4
