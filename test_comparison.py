@@ -19,7 +19,7 @@ from models import MODEL_NAMES
 from models.custom import build_model, normalized, parse_normalization
 from utils.attacks.autoattack import VERSIONS as AA_VERSIONS
 from utils.attacks.autoattack import StateMismatch
-from utils.attacks.registry import GROUPS, build_attack, expand_attack_names
+from utils.attacks.registry import GROUPS, expand_attack_names
 from utils.cli import (
     TF32_HELP,
     Parser,
@@ -31,7 +31,7 @@ from utils.cli import (
     linf_budget_problem,
     number,
 )
-from utils.evaluation.engine import Evaluation
+from utils.evaluation import api
 from utils.evaluation.output import (
     attack_settings,
     examples_text,
@@ -210,8 +210,7 @@ def parse_args(argv=None):
 
 
 def build_attacks(names, args):
-    options = {"aa": {"version": args.aa_version, "seed": args.seed}}
-    return [build_attack(n, epsilon=args.epsilon, **options.get(n, {})) for n in names]
+    return api.build_attacks(names, args.epsilon, args.aa_version, args.seed)
 
 
 def sweep_attacks(args, attacks):
@@ -397,12 +396,12 @@ def main(argv=None):
     if args.epsilon is not None and len({a.norm for a in attacks}) > 1:
         report.warn(f"--epsilon {args.epsilon:.4g} applies to L-inf and L2 attacks alike; "
                     "the budgets of the two norms differ by an order of magnitude")
-    engine = Evaluation(targets, split, batch_size=args.batch_size, device=device, surrogate=surrogate,
-                        seed=args.seed, progress=not args.no_progress and ctx.is_main, report=report,
-                        aa_state=args.aa_state)
     try:
         with FastPath(amp=args.amp).autocast(device):
-            results = engine.run(attacks, sweeps, args.eps_sweep or ())
+            ordered = api.run_evaluation(targets, split, attacks, sweeps=sweeps, epsilons=args.eps_sweep or (),
+                                         batch_size=args.batch_size, device=device, surrogate=surrogate,
+                                         seed=args.seed, progress=not args.no_progress and ctx.is_main,
+                                         report=report, aa_state=args.aa_state)
     except StateMismatch as err:
         raise UserError(f"--aa-state: {err}") from None
     except KeyboardInterrupt:
@@ -410,10 +409,8 @@ def main(argv=None):
             raise
         raise Interrupted(f"interrupted; no result file was written. AutoAttack's progress is in {args.aa_state}: "
                           "run the same command again to resume it") from None
-    engine.trust_checks(attacks)
     if not ctx.is_main:
         return
-    ordered = [results[s["name"]] for s in specs]
 
     text = results_table(ordered, [a.name for a in attacks]) + "\n\n" + caption(
         args, len(split), info.name, attacks, surrogate_arch) + "\n"

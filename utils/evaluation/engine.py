@@ -93,7 +93,9 @@ class Evaluation:
     def _batches(self, desc: Optional[str]) -> Iterator[Tuple[torch.Tensor, torch.Tensor, slice, int]]:
         """(x, y, where in this process's split, the batch's index in the whole split) per batch, in
         order; a progress bar unless ``desc`` is None."""
-        loader = BatchLoader(self.split, self.batch_size, device=self.device)
+        # A uint8 Split is scaled to [0, 1] per batch; float tensors (utils.evaluation.api) batch as they are.
+        loader = (self.split.batches(self.batch_size) if hasattr(self.split, "batches")
+                  else BatchLoader(self.split, self.batch_size, device=self.device))
         start = 0
         bar = desc is not None and self.progress
         for k, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not bar, dynamic_ncols=True)):
