@@ -161,7 +161,8 @@ def build_parser() -> Parser:
                         "--test-limit instead takes a seeded random subset, before --n-examples)")
     p.add_argument("--batch-size", type=int, default=256, help="examples per attack batch")
     p.add_argument("--seed", type=int, default=0,
-                   help="reseeded before every attack, so no result depends on what ran before it")
+                   help="reseeded before every batch of every attack (seed + a multiple of the batch's index), so "
+                        "no result depends on what ran before it, nor on the number of torchrun processes")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
     p.add_argument("--out", default=None, metavar="FILE", help="write the results, settings and timings as JSON")
     p.add_argument("--amp", action="store_true",
