@@ -65,7 +65,6 @@ class Evaluation:
         self.targets = targets
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.n_examples = len(split)
         self.first_batch, shard = self._shard(len(split))
         # Once: every pass then batches it on the device.
         self.split = (split if len(shard) == len(split) else split.subset(shard)).to(self.device)
