@@ -3,7 +3,8 @@
 Prints a Markdown table (one row per model: clean, each attack, and the per-example worst
 case over all attacks) and writes it as JSON (--out) and Markdown (--md). Every attack runs
 on the same first --n-examples test images. With --surrogate the attacks are crafted on the
-surrogate and only transferred to the models (black-box). Trust checks warn on stderr."""
+surrogate and only transferred to the models (black-box). Trust checks warn on stderr. Under
+torchrun each process evaluates a block of whole batches and the first one writes the results."""
 import argparse
 import json
 import platform
@@ -14,19 +15,23 @@ from pathlib import Path
 
 import torch
 
-from models import MODEL_NAMES, get_model
+from models import MODEL_NAMES
+from models.custom import build_model, normalized, parse_normalization
 from utils.attacks.autoattack import VERSIONS as AA_VERSIONS
-from utils.attacks.registry import GROUPS, build_attack, expand_attack_names
+from utils.attacks.autoattack import StateMismatch
+from utils.attacks.registry import GROUPS, expand_attack_names
 from utils.cli import (
     TF32_HELP,
     Parser,
     add_compile_backend_arg,
     add_data_args,
+    add_normalize_arg,
+    arch_spec,
     check_positive,
     linf_budget_problem,
     number,
 )
-from utils.evaluation.engine import Evaluation
+from utils.evaluation import api
 from utils.evaluation.output import (
     attack_settings,
     examples_text,
@@ -34,10 +39,12 @@ from utils.evaluation.output import (
     plot_sweep,
     results_json,
     results_table,
+    robustbench_claims,
     sweep_table,
 )
 from utils.evaluation.results import Report, first_examples
-from utils.script import UserError, run_main
+from utils.script import Interrupted, UserError, run_main
+from utils.training import distributed
 from utils.training.checkpoint import atomic_write_text, load_weights, run_config, writable_dir
 from utils.training.device import resolve_device, seed_everything, set_tf32
 from utils.training.fast import FastPath
@@ -67,12 +74,13 @@ class _AddModel(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None):
         models = list(getattr(namespace, "models", None) or [])
-        models.append({"flag": self.option_strings[0], "path": value, "name": None, "arch": None})
+        models.append({"flag": self.option_strings[0], "path": value, "name": None, "arch": None,
+                       "normalize": None})
         namespace.models = models
 
 
 class _ModelField(argparse.Action):
-    """--name / --arch: set on the latest model, or as the default before any model."""
+    """--name / --arch / --normalize: set on the latest model, or as the default before any model."""
 
     def __call__(self, parser, namespace, value, option_string=None):
         models = getattr(namespace, "models", None)
@@ -116,14 +124,17 @@ def build_parser() -> Parser:
                    help="evaluate this state_dict (repeatable)")
     p.add_argument("--name", action=_ModelField, default=None, metavar="LABEL",
                    help="label of the preceding model in the table (default: its file stem or folder name)")
-    p.add_argument("--arch", action=_ModelField, default=None, choices=MODEL_NAMES, metavar="ARCH",
-                   help=f"architecture of the preceding model, one of {', '.join(MODEL_NAMES)} "
+    p.add_argument("--arch", action=_ModelField, default=None, type=arch_spec, metavar="ARCH",
+                   help=f"architecture of the preceding model, one of {', '.join(MODEL_NAMES)}, or "
+                        "module.path:callable (imported from the working directory or PYTHONPATH, called with "
+                        "num_classes) "
                         f"(default: the arch in the run's config.json beside the checkpoint, else {DEFAULT_ARCH})")
+    add_normalize_arg(p, action=_ModelField)
     p.add_argument("--surrogate", default=None, metavar="PATH",
                    help="black-box transfer: craft every attack on this model and evaluate the models on the "
                         "result; the models are never asked for a gradient")
-    p.add_argument("--surrogate-arch", default=None, choices=MODEL_NAMES, metavar="ARCH",
-                   help=f"architecture of --surrogate (default: {DEFAULT_SURROGATE_ARCH}, the paper's)")
+    p.add_argument("--surrogate-arch", default=None, type=arch_spec, metavar="ARCH",
+                   help=f"architecture of --surrogate, as --arch (default: {DEFAULT_SURROGATE_ARCH}, the paper's)")
     # Attacks.
     p.add_argument("--attacks", default=DEFAULT_ATTACKS,
                    help="comma list of attacks or groups; the default is the paper's PGD-40 and AutoAttack at "
@@ -132,6 +143,9 @@ def build_parser() -> Parser:
                    help="ONE budget for every attack, e.g. 8/255 (default: per attack, 8/255 L-inf, 0.5 L2)")
     p.add_argument("--aa-version", default="standard", choices=[v for v in AA_VERSIONS if v != "custom"],
                    help="AutoAttack version: standard (the paper's), plus, rand, release (40 iterations)")
+    p.add_argument("--aa-state", default=None, metavar="DIR",
+                   help="keep AutoAttack's progress per model and batch in DIR; the same command run again "
+                        "(after a kill or Ctrl-C) resumes it: finished sub-attacks are read back, not repeated")
     p.add_argument("--eps-sweep", type=_epsilon_list, default=None, metavar="EPS_LIST",
                    help="also measure accuracy at each of these budgets, e.g. 0,2/255,4/255,8/255,16/255, "
                         "and plot it against epsilon")
@@ -147,7 +161,8 @@ def build_parser() -> Parser:
                         "--test-limit instead takes a seeded random subset, before --n-examples)")
     p.add_argument("--batch-size", type=int, default=256, help="examples per attack batch")
     p.add_argument("--seed", type=int, default=0,
-                   help="reseeded before every attack, so no result depends on what ran before it")
+                   help="reseeded before every batch of every attack (seed + a multiple of the batch's index), so "
+                        "no result depends on what ran before it, nor on the number of torchrun processes")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
     p.add_argument("--out", default=None, metavar="FILE", help="write the results, settings and timings as JSON")
     p.add_argument("--amp", action="store_true",
@@ -159,6 +174,9 @@ def build_parser() -> Parser:
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="turn off cudnn.benchmark (on by default on CUDA)")
     p.add_argument("--tf32", action="store_true", help=TF32_HELP)
     p.add_argument("--md", default=None, metavar="FILE", help="also write the Markdown tables to FILE")
+    p.add_argument("--robustbench-json", default=None, metavar="FILE",
+                   help="also write one RobustBench claim per model (clean_acc, autoattack_acc, eps, threat_model, "
+                        "...) from the table's numbers; needs aa in --attacks and a white-box evaluation")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     return p
@@ -183,12 +201,17 @@ def parse_args(argv=None):
         p.error("--sweep-attacks needs --eps-sweep")
     if args.plot is not None and args.eps_sweep is None:
         p.error("--plot draws the --eps-sweep curves: it needs --eps-sweep")
+    if args.robustbench_json is not None and "aa" not in args.attack_names:
+        p.error("--robustbench-json reports AutoAttack's accuracy: it needs aa in --attacks")
+    if args.robustbench_json is not None and args.surrogate is not None:
+        p.error("--robustbench-json: a transferred attack is no RobustBench claim; leave out --surrogate")
+    if args.aa_state is not None and "aa" not in args.attack_names + (args.sweep_names or []):
+        p.error("--aa-state keeps AutoAttack's progress: it needs aa in --attacks or --sweep-attacks")
     return args
 
 
 def build_attacks(names, args):
-    options = {"aa": {"version": args.aa_version, "seed": args.seed}}
-    return [build_attack(n, epsilon=args.epsilon, **options.get(n, {})) for n in names]
+    return api.build_attacks(names, args.epsilon, args.aa_version, args.seed)
 
 
 def sweep_attacks(args, attacks):
@@ -228,8 +251,11 @@ def resolve_models(args):
             file = path
             default_name = path.stem
         # No --arch given: the one the run was trained with, as its config.json recorded it.
-        arch = m["arch"] or args.arch or run_config(file.parent).get("arch") or DEFAULT_ARCH
-        out.append({"name": m["name"] or args.name, "default": default_name, "arch": arch,
+        config = run_config(file.parent)
+        arch = m["arch"] or args.arch or config.get("arch") or DEFAULT_ARCH
+        # A run trained with --normalize is evaluated through the same normalisation.
+        normalize = m["normalize"] or args.normalize or config.get("normalize")
+        out.append({"name": m["name"] or args.name, "default": default_name, "arch": arch, "normalize": normalize,
                     "path": file, "flag": m["flag"], "given": str(m["path"])})
     stems = [m["default"] for m in out]
     for m in out:
@@ -243,13 +269,21 @@ def resolve_models(args):
     return out
 
 
-def load_model(arch, path, flag, info, device, arch_flag="--arch"):
-    model = get_model(arch, num_classes=info.num_classes, in_channels=info.in_channels)
+def load_model(arch, path, flag, info, device, arch_flag="--arch", normalize=None):
+    """``arch`` with the weights of ``path``, normalising its inputs as ``normalize`` (a --normalize text) says."""
+    try:
+        model = build_model(arch, num_classes=info.num_classes, in_channels=info.in_channels)
+    except ValueError as err:
+        raise UserError(f"{arch_flag}: {err}") from None
     what = f"{arch_flag} {arch} ({info.num_classes} classes, {info.in_channels} channels)"
     trained = run_config(Path(path).parent).get("arch")
     if trained and trained != arch:
         what += f"; its run's config.json says --arch {trained}"
-    load_weights(model, path, flag, what)
+    load_weights(model, path, flag, what, arch_flag)
+    try:
+        model = normalized(model, parse_normalization(normalize) if normalize else None, info.in_channels)
+    except ValueError as err:
+        raise UserError(f"--normalize (for {flag} {path}): {err}") from None
     return model.to(device).eval()
 
 
@@ -306,9 +340,13 @@ def checked_attacks(args):
 
 def check_output_paths(args, sweeps) -> None:
     """Refuse an output path that cannot be written before the evaluation, not after it."""
-    paths = [("--out", args.out), ("--md", args.md)]
+    paths = [("--out", args.out), ("--md", args.md), ("--robustbench-json", args.robustbench_json)]
     if sweeps:
         paths.append(("--plot", default_plot_path(args)))
+    if args.aa_state is not None:
+        if Path(args.aa_state).is_file():
+            raise UserError(f"--aa-state: {args.aa_state} is a file; give a folder")
+        writable_dir(args.aa_state, "--aa-state")
     for flag, path in paths:
         if path is None:
             continue
@@ -327,7 +365,8 @@ def main(argv=None):
 
     from utils.data.loaders import load_splits  # torchvision is slow to import; --help and flag errors need none of it
 
-    device = resolve_device(args.device)
+    ctx = distributed.init(args.device)
+    device = distributed.device_for(resolve_device(args.device))
     seed_everything(args.seed)
     splits, info = load_splits(args.dataset, args.data_dir, train_limit=args.train_limit,
                                test_limit=args.test_limit, val_size=args.val_size, seed=args.seed)
@@ -345,22 +384,34 @@ def main(argv=None):
             model = model.to(memory_format=torch.channels_last)
         return compiled(model, args.compile_backend) if args.compile else model
 
-    targets = {s["name"]: fast(load_model(s["arch"], s["path"], s["flag"], info, device)) for s in specs}
+    targets = {s["name"]: fast(load_model(s["arch"], s["path"], s["flag"], info, device, normalize=s["normalize"]))
+               for s in specs}
     surrogate_arch = args.surrogate_arch or DEFAULT_SURROGATE_ARCH
-    surrogate = (fast(load_model(surrogate_arch, args.surrogate, "--surrogate", info, device, "--surrogate-arch"))
+    surrogate_normalize = run_config(Path(args.surrogate).parent).get("normalize") if args.surrogate else None
+    surrogate = (fast(load_model(surrogate_arch, args.surrogate, "--surrogate", info, device, "--surrogate-arch",
+                                 surrogate_normalize))
                  if args.surrogate
                  else None)
 
-    report = Report()
+    report = Report(echo=ctx.is_main)  # the other processes' warnings reach the first one's report
     if args.epsilon is not None and len({a.norm for a in attacks}) > 1:
         report.warn(f"--epsilon {args.epsilon:.4g} applies to L-inf and L2 attacks alike; "
                     "the budgets of the two norms differ by an order of magnitude")
-    engine = Evaluation(targets, split, batch_size=args.batch_size, device=device, surrogate=surrogate,
-                        seed=args.seed, progress=not args.no_progress, report=report)
-    with FastPath(amp=args.amp).autocast(device):
-        results = engine.run(attacks, sweeps, args.eps_sweep or ())
-    engine.trust_checks(attacks)
-    ordered = [results[s["name"]] for s in specs]
+    try:
+        with FastPath(amp=args.amp).autocast(device):
+            ordered = api.run_evaluation(targets, split, attacks, sweeps=sweeps, epsilons=args.eps_sweep or (),
+                                         batch_size=args.batch_size, device=device, surrogate=surrogate,
+                                         seed=args.seed, progress=not args.no_progress and ctx.is_main,
+                                         report=report, aa_state=args.aa_state)
+    except StateMismatch as err:
+        raise UserError(f"--aa-state: {err}") from None
+    except KeyboardInterrupt:
+        if args.aa_state is None:
+            raise
+        raise Interrupted(f"interrupted; no result file was written. AutoAttack's progress is in {args.aa_state}: "
+                          "run the same command again to resume it") from None
+    if not ctx.is_main:
+        return
 
     text = results_table(ordered, [a.name for a in attacks]) + "\n\n" + caption(
         args, len(split), info.name, attacks, surrogate_arch) + "\n"
@@ -372,17 +423,24 @@ def main(argv=None):
     sys.stdout.flush()
     if args.md:
         atomic_write_text(args.md, text)
+    if args.robustbench_json:
+        claims = robustbench_claims(ordered, next(a for a in attacks if a.name == "aa"),
+                                    {s["name"]: s["arch"] for s in specs}, args.dataset, args.aa_version)
+        atomic_write_text(args.robustbench_json, json.dumps(claims, indent=2) + "\n")
     if args.out:
-        info_by_name = {s["name"]: {"arch": s["arch"], "checkpoint": str(s["path"])} for s in specs}
+        info_by_name = {s["name"]: {"arch": s["arch"], "checkpoint": str(s["path"]), "normalize": s["normalize"]}
+                        for s in specs}
         payload = {
             "settings": {
                 "dataset": info.name, "data_dir": args.data_dir, "n_examples": len(split),
                 "examples": "first N of the test split" + (" (after --test-limit)" if args.test_limit else ""),
                 "test_limit": args.test_limit, "batch_size": args.batch_size, "seed": args.seed,
-                "device": str(device), "tf32": args.tf32, "mode": "transfer" if surrogate is not None else "white-box",
-                "surrogate": ({"checkpoint": args.surrogate, "arch": surrogate_arch} if surrogate is not None
+                "device": str(device), "processes": ctx.world_size, "tf32": args.tf32,
+                "mode": "transfer" if surrogate is not None else "white-box",
+                "surrogate": ({"checkpoint": args.surrogate, "arch": surrogate_arch, "normalize": surrogate_normalize}
+                              if surrogate is not None
                               else None),
-                "aa_version": args.aa_version, "epsilon_flag": args.epsilon,
+                "aa_version": args.aa_version, "aa_state": args.aa_state, "epsilon_flag": args.epsilon,
                 "seconds": "wall time per model and attack; in transfer mode each attack is crafted once on the "
                            "surrogate and that time is included in every model's",
                 "attacks": attack_settings(attacks),

@@ -28,6 +28,7 @@ from utils.cli import (
     finish_attack_args,
     finish_estimator_args,
     finish_release_args,
+    normalization,
     number,
     sgd_spec,
     train_attack,
@@ -147,7 +148,7 @@ def main(argv=None):
         check_stage2_config(estimator_settings(args), args.mi_dir)
     s = setup(args.model_dir, data_spec(args), device_spec(args))
     fast = fast_path(args)
-    model = fresh_model(args.arch, s.info, s.device, fast)
+    model = fresh_model(args.arch, s.info, s.device, fast, normalization(args))
     spec = estimator_spec(args, s.info)
     net = bare_module(model)
     if args.method == "wmim":

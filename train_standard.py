@@ -19,6 +19,7 @@ from utils.cli import (
     device_spec,
     fast_path,
     finish_attack_args,
+    normalization,
     number,
     sgd_spec,
     train_attack,
@@ -68,7 +69,7 @@ def main(argv=None):
     args = parse_args(argv)
     s = setup(args.model_dir, data_spec(args), device_spec(args))
     fast = fast_path(args)
-    model = fresh_model(args.arch, s.info, s.device, fast)
+    model = fresh_model(args.arch, s.info, s.device, fast, normalization(args))
     optimizer, scheduler = sgd(model, sgd_spec(args))
     run = training_run(args, {"model": model}, optimizer, scheduler, s.generator, s.held_out, args.select_by)
     attack_loss, start = ATTACK_FOR_LOSS[args.loss]

@@ -87,3 +87,86 @@ def test_autoattack_reads_float32_logits_under_bf16_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x_adv = aa_module.autoattack(net, x, y, 0.1)
     assert seen == [torch.float32] and torch.equal(x_adv, x)
+
+
+# ---------------------------------------------------------------- resuming from a state file
+
+FAST = {"version": "standard", "n_iter": 3, "n_queries": 30}  # every sub-attack, briefly
+
+
+def _weak_model():
+    from models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("smallcnn-nobn", 10, 3).eval()
+    nn.init.normal_(model.classifier[-1].weight, std=0.3)
+    x = torch.rand(24, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:4] = (y[:4] + 1) % 10  # four clean mistakes
+    return model, x, y
+
+
+def _spy_calls(monkeypatch):
+    """The sub-attacks and example counts of every call of the package's run_standard_evaluation."""
+    from pyautoattack import AutoAttack
+
+    calls, real = [], AutoAttack.run_standard_evaluation
+
+    def spy(self, x, y, **kwargs):
+        calls.append((tuple(self.attacks_to_run), x.shape[0]))
+        return real(self, x, y, **kwargs)
+
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", spy)
+    return calls
+
+
+def test_a_state_file_gives_the_results_of_one_direct_call(tmp_path, monkeypatch):
+    from utils.attacks.autoattack import resume_from
+
+    model, x, y = _weak_model()
+    direct = autoattack(model, x, y, 2 / 255, **FAST)
+    calls = _spy_calls(monkeypatch)
+    with resume_from(tmp_path / "s.pt"):
+        kept = autoattack(model, x, y, 2 / 255, **FAST)
+    assert torch.equal(kept, direct)
+    # One call per sub-attack, each on the examples still robust (20 correct at first).
+    assert [c[0] for c in calls] == [("apgd-ce",), ("apgd-t",), ("fab-t",), ("square",)][:len(calls)]
+    assert calls[0][1] == 20 and all(a[1] >= b[1] for a, b in zip(calls, calls[1:]))
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert state["run_attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    with torch.no_grad():
+        still = model(direct).argmax(1) == y
+    assert torch.equal(state["robust_flags"], still) and int(still.sum()) < 20
+
+
+def test_an_interrupted_state_resumes_without_repeating_a_finished_sub_attack(tmp_path, monkeypatch):
+    import utils.training.checkpoint as checkpoint
+    from utils.attacks.autoattack import StateMismatch, resume_from
+
+    model, x, y = _weak_model()
+    direct = autoattack(model, x, y, 2 / 255, **FAST)
+    real_save = checkpoint.atomic_save
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        if state["run_attacks"] == ["apgd-ce", "apgd-t"]:
+            raise KeyboardInterrupt  # a kill right after the second sub-attack was written
+
+    monkeypatch.setattr(checkpoint, "atomic_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt), resume_from(tmp_path / "s.pt"):
+        autoattack(model, x, y, 2 / 255, **FAST)
+    monkeypatch.setattr(checkpoint, "atomic_save", real_save)
+    calls = _spy_calls(monkeypatch)
+    with resume_from(tmp_path / "s.pt"):
+        resumed = autoattack(model, x, y, 2 / 255, **FAST)
+    assert [c[0] for c in calls] == [("fab-t",), ("square",)][:len(calls)] and calls
+    assert torch.equal(resumed, direct)  # the earlier sub-attacks' examples came back from the file
+    calls.clear()
+    with resume_from(tmp_path / "s.pt"):  # finished: nothing is attacked again
+        again = autoattack(model, x, y, 2 / 255, **FAST)
+    assert calls == [] and torch.equal(again, direct)
+    with pytest.raises(StateMismatch, match="other examples or settings"), resume_from(tmp_path / "s.pt"):
+        autoattack(model, x, (y + 1) % 10, 2 / 255, **FAST)
+    with pytest.raises(StateMismatch), resume_from(tmp_path / "s.pt"):
+        autoattack(model, x, y, 3 / 255, **FAST)

@@ -1,4 +1,5 @@
 """utils/training/checkpoint.py: atomic writes, the one safe checkpoint loader, and a run folder's files."""
+import argparse
 import json
 import pickle
 
@@ -49,6 +50,76 @@ def test_load_weights_strips_wrapper_prefixes_and_refuses_a_misfit(tmp_path):
     load_weights(nn.Linear(2, 3), tmp_path / "last.pth", "--checkpoint", "a Linear(2, 3)")
     with pytest.raises(UserError, match="does not fit a Linear"):
         load_weights(nn.Linear(2, 4), tmp_path / "wrapped.pth", "--checkpoint", "a Linear(2, 4)")
+
+
+@pytest.mark.parametrize("layout", ["state_dict", "model", "model_state_dict", "net", "nested", "module", "compiled"])
+def test_load_weights_finds_the_state_dict_of_other_codebases(tmp_path, layout):
+    """Nested under a key, beside numpy numbers, a numpy dtype and the run's Namespace; or prefixed."""
+    import numpy as np
+
+    source = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    nn.init.normal_(source[1].weight)
+    weights = source.state_dict()
+    extras = {"epoch": np.int64(7), "best_acc": np.float64(0.52), "dtype": np.dtype("float32"),
+              "flag": np.bool_(True), "args": argparse.Namespace(lr=0.1, arch="mine"), "note": "text"}
+    if layout == "nested":
+        saved = {"checkpoint": 1, "model": {"state_dict": weights, "step": np.int32(3)}, **extras}
+    elif layout in ("module", "compiled"):
+        prefix = "module." if layout == "module" else "_orig_mod."
+        saved = {"state_dict": {prefix + k: v for k, v in weights.items()}, **extras}
+    else:
+        saved = {layout: weights, "optimizer": {"state": {}, "param_groups": []}, **extras}
+    torch.save(saved, tmp_path / "c.pth")
+    target = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    load_weights(target, tmp_path / "c.pth", "--checkpoint", "a small net")
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), weights.values()))
+
+
+def test_load_weights_maps_a_gpu_checkpoint_to_the_cpu(tmp_path, monkeypatch):
+    """A file written on a GPU names its tensors' device: saved here with that device's tag, it
+    would not load on a machine without one unless mapped."""
+    source = nn.Linear(2, 3)
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save({"net": source.state_dict()}, tmp_path / "gpu.pth")
+    assert b"cuda:0" in (tmp_path / "gpu.pth").read_bytes()
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError):  # what loading it unmapped does here
+            torch.load(tmp_path / "gpu.pth", weights_only=True)
+    target = nn.Linear(2, 3)
+    load_weights(target, tmp_path / "gpu.pth", "--checkpoint", "a Linear(2, 3)")
+    assert target.weight.device.type == "cpu" and torch.equal(target.weight, source.weight)
+
+
+def test_a_checkpoint_holding_another_class_is_still_refused_in_one_line(tmp_path):
+    torch.save({"state_dict": nn.Linear(2, 3).state_dict(), "extra": Payload()}, tmp_path / "code.pth")
+    with pytest.raises(UserError) as err:
+        load_weights(nn.Linear(2, 3), tmp_path / "code.pth", "--checkpoint", "a Linear(2, 3)")
+    message = str(err.value)
+    assert "\n" not in message and "Payload" in message and "refused" in message
+    import numpy as np
+
+    torch.save({"w": torch.ones(1), "a": np.array([1.0, 2.0])}, tmp_path / "array.pth")  # arrays are not allowed
+    with pytest.raises(UserError, match="refused"):
+        load_checkpoint(tmp_path / "array.pth", "--checkpoint")
+    torch.save({"w": torch.ones(1), "a": np.array([1], dtype=object)[0:1].dtype}, tmp_path / "object.pth")
+    with pytest.raises(UserError, match="refused"):
+        load_checkpoint(tmp_path / "object.pth", "--checkpoint")
+
+
+def test_a_misfit_names_the_first_missing_and_unexpected_keys_and_suggests_arch(tmp_path):
+    saved = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3))
+    torch.save(saved.state_dict(), tmp_path / "m.pth")
+    torch.save(saved[:1].state_dict(), tmp_path / "first.pth")
+    other = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3))
+    with pytest.raises(UserError) as err:
+        load_weights(other, tmp_path / "m.pth", "--checkpoint", "--arch mine", arch_flag="--surrogate-arch")
+    message = str(err.value)
+    assert "2 missing key(s) (1.weight, 1.bias)" in message
+    assert "6 unexpected (2.weight, 2.bias, 3.weight, ...)" in message
+    assert message.endswith("with --surrogate-arch") and "\n" not in message
+    with pytest.raises(UserError, match=r"size mismatch.*with --arch$"):  # the keys fit, a shape does not
+        load_weights(nn.Sequential(nn.Linear(2, 4)), tmp_path / "first.pth", "--checkpoint", "x")
 
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):

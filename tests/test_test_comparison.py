@@ -146,12 +146,12 @@ def test_transfer_crafts_on_the_surrogate_only(trained, tmp_path, capsys, monkey
     def count_gradients(module, inputs):
         calls["surrogate_grad"] += int(torch.is_grad_enabled() and inputs[0].requires_grad)
 
-    def patched(name, num_classes=10, in_channels=3):
+    def patched(name, num_classes=10, in_channels=3, normalize=None):
         model = get_model(name, num_classes, in_channels)
         model.register_forward_pre_hook(forbid_gradients if name == "smallcnn" else count_gradients)
         return model
 
-    monkeypatch.setattr(script, "get_model", patched)
+    monkeypatch.setattr(script, "build_model", patched)
     code, out, err = _run(capsys, ["--checkpoint", trained / "best_model.pth", "--arch", "smallcnn",
                                    "--surrogate", tmp_path / "surrogate.pth", "--surrogate-arch", "smallcnn-nobn",
                                    "--attacks", "pgd3,mifgsm", "--n-examples", "16", "--out", tmp_path / "t.json"])
@@ -323,3 +323,132 @@ def test_the_caption_says_when_the_examples_come_from_a_test_limit_subset():
     assert script.examples_phrase(script.parse_args(["--model-dir", "d"]), 200) == "first 200 test images"
     limited = script.parse_args(["--model-dir", "d", "--test-limit", "500"])
     assert script.examples_phrase(limited, 200) == "first 200 of a seeded subset of 500 test images (--test-limit)"
+
+
+# ---------------------------------------------------------------- torchrun
+
+
+def test_two_processes_give_the_one_process_evaluation(trained, tmp_path):
+    """Under torchrun (2 gloo processes) each process takes a block of whole batches (2 of 16 and 1 of
+    8 here, an uneven split), and the first one writes the table: every example counted once, the same
+    numbers as one process, attack noise included (each batch is seeded by its index)."""
+    import os
+    import subprocess
+
+    common = [*DATA, "--model-dir", str(trained), "--arch", "smallcnn", "--attacks", "pgd3,mifgsm",
+              "--n-examples", "40", "--batch-size", "16", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(prefix, name):
+        done = subprocess.run([*prefix, "test_comparison.py", *common, "--out", str(tmp_path / f"{name}.json"),
+                               "--md", str(tmp_path / f"{name}.md")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done
+
+    run([sys.executable], "one")
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "two")
+    assert two.stdout.count("| model |") == 1  # one table, from the first process only
+    a, b = _json(tmp_path / "one.json"), _json(tmp_path / "two.json")
+    assert (a["settings"]["processes"], b["settings"]["processes"]) == (1, 2)
+    for m, n in zip(a["models"], b["models"], strict=True):
+        assert n["n"] == m["n"] == 40
+        assert n["correct"] == m["correct"] and n["attacks"] == m["attacks"] and n["clean"] == m["clean"]
+    assert m["correct"]["pgd3"] < m["correct"]["clean"]  # the attack did something to compare
+    assert (tmp_path / "one.md").read_text() == (tmp_path / "two.md").read_text()
+    assert a["warnings"] == b["warnings"]
+
+
+# ---------------------------------------------------------------- --aa-state
+
+
+@pytest.fixture
+def brief_autoattack(monkeypatch):
+    """Every sub-attack of AutoAttack's standard version, briefly (2 iterations, 20 Square queries)."""
+    import utils.attacks.autoattack as aa
+
+    real_build = aa.build_autoattack
+
+    def brief(*args, **kwargs):
+        adversary = real_build(*args, **kwargs)
+        aa.set_iterations(adversary, 2)
+        adversary.square.n_queries = 20
+        return adversary
+
+    monkeypatch.setattr(aa, "build_autoattack", brief)
+
+
+def test_autoattack_killed_and_resumed_equals_an_uninterrupted_run(trained, tmp_path, capsys, monkeypatch,
+                                                                    brief_autoattack):
+    """A kill right after the second sub-attack of the second batch was written; the same command
+    then reads the first batch back whole, runs only FAB-T and Square on the second, and writes the
+    numbers of a run without --aa-state."""
+    import utils.training.checkpoint as checkpoint
+    from tests.test_autoattack import _spy_calls
+
+    argv = ["--model-dir", trained, "--arch", "smallcnn", "--attacks", "pgd2,aa", "--n-examples", "32",
+            "--batch-size", "16", "--epsilon", "16/255"]
+    code, _, err = _run(capsys, [*argv, "--out", tmp_path / "full.json"])
+    assert code == 0, err
+
+    real_save = checkpoint.atomic_save
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        if path.name == "batch00001.pt" and state["run_attacks"] == ["apgd-ce", "apgd-t"]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "atomic_save", save_then_die)
+    state = ["--aa-state", tmp_path / "aa", "--out", tmp_path / "resumed.json"]
+    code, _, err = _run(capsys, [*argv, *state])
+    assert code == 130 and "run the same command again to resume" in err and "Traceback" not in err
+    assert not (tmp_path / "resumed.json").exists()
+    monkeypatch.setattr(checkpoint, "atomic_save", real_save)
+    calls = _spy_calls(monkeypatch)
+    code, _, err = _run(capsys, [*argv, *state])
+    assert code == 0, err
+    assert [c[0] for c in calls] == [("fab-t",), ("square",)][:len(calls)]  # nothing attacked twice
+    full, resumed = _json(tmp_path / "full.json")["models"][0], _json(tmp_path / "resumed.json")["models"][0]
+    assert resumed["correct"] == full["correct"] and resumed["attacks"] == full["attacks"]
+    assert full["correct"]["aa"] < full["correct"]["clean"]  # AutoAttack broke something to restore
+
+    # The state of other batches (another --batch-size) is refused in one line.
+    other = [*argv[:-4], "--batch-size", "8", "--epsilon", "16/255", *state]
+    assert_user_error(_run(capsys, other), "--aa-state", "other examples or settings")
+
+
+# ---------------------------------------------------------------- --robustbench-json
+
+
+def test_robustbench_claims_hold_the_tables_numbers_field_by_field(trained, tmp_path, capsys, brief_autoattack):
+    code, _, err = _run(capsys, ["--model-dir", trained, "--name", "std", "--checkpoint", trained / "best_model.pth",
+                                 "--name", "again", "--arch", "smallcnn", "--attacks", "pgd2,aa", "--n-examples", "24",
+                                 "--out", tmp_path / "r.json", "--robustbench-json", tmp_path / "rb.json"])
+    assert code == 0, err
+    models = {m["name"]: m for m in _json(tmp_path / "r.json")["models"]}
+    claims = _json(tmp_path / "rb.json")
+    assert [c["name"] for c in claims] == ["std", "again"]
+    for claim in claims:
+        model = models[claim["name"]]
+        assert set(claim) == {"name", "dataset", "threat_model", "eps", "clean_acc", "autoattack_acc", "architecture",
+                              "additional_data", "number_forward_passes", "n_examples", "autoattack_version"}
+        assert claim["clean_acc"] == f"{model['clean']:.2f}" and float(claim["clean_acc"]) > 10
+        assert claim["autoattack_acc"] == f"{model['attacks']['aa']:.2f}"
+        assert float(claim["autoattack_acc"]) <= float(claim["clean_acc"])
+        assert claim["eps"] == "8/255" and claim["threat_model"] == "Linf" and claim["dataset"] == "synthetic"
+        assert claim["architecture"] == model["arch"] == "smallcnn"
+        assert claim["additional_data"] is False and claim["number_forward_passes"] == 1
+        assert claim["n_examples"] == model["n"] == 24 and claim["autoattack_version"] == "standard"
+    assert_user_error(_run(capsys, ["--model-dir", trained, "--attacks", "pgd2", "--robustbench-json", tmp_path / "x"]),
+                      "--robustbench-json", "aa")
+
+
+def test_robustbench_claim_of_an_l2_evaluation():
+    from tests.helpers import model_result
+    from utils.evaluation.output import robustbench_claims
+
+    result = model_result([1, 1, 1, 0], aa=[1, 0, 0, 0])
+    (claim,) = robustbench_claims([result], build_attack("aa", norm="l2"), {"m": "mine:net"}, "cifar10", "standard")
+    assert (claim["threat_model"], claim["eps"], claim["clean_acc"], claim["autoattack_acc"]) == ("L2", "0.5", "75.00",
+                                                                                                  "25.00")
+    assert claim["architecture"] == "mine:net" and claim["n_examples"] == 4

@@ -13,6 +13,7 @@ from typing import Dict, Optional
 import torch.nn as nn
 
 from models import MODEL_NAMES
+from models.custom import NORMALIZE_PRESETS, Normalization, check_arch, parse_normalization
 from utils.data.loaders import DATASETS
 from utils.data.splits import DatasetInfo
 from utils.mi.bounds import resolve_mode
@@ -94,6 +95,35 @@ def add_data_args(p: Parser, selects: bool = True) -> None:
 def add_model_args(p: Parser, default: str = "resnet18") -> None:
     p.add_argument("--arch", default=default, choices=MODEL_NAMES, metavar="{" + ",".join(MODEL_NAMES) + "}",
                    help="target network")
+    add_normalize_arg(p)
+
+
+def normalize_spec(text: str) -> str:
+    """The --normalize value as given (config.json records it so), once it parses."""
+    try:
+        parse_normalization(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def arch_spec(text: str) -> str:
+    """An --arch value: a name of MODEL_NAMES or ``module.path:callable`` (imported when the model is built)."""
+    try:
+        return check_arch(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+NORMALIZE_HELP = ("normalise the inputs inside the model: MEAN/STD, one comma-separated value per channel, e.g. "
+                  "0.4914,0.4822,0.4465/0.2471,0.2435,0.2616, or a preset (" + ", ".join(NORMALIZE_PRESETS) + "); "
+                  "attacks still work on images in [0, 1] (default: none)")
+
+
+def add_normalize_arg(p: Parser, **kwargs) -> None:
+    """--normalize, for the training scripts (recorded in config.json) and per model in test_comparison.py."""
+    kwargs.setdefault("default", None)
+    p.add_argument("--normalize", type=normalize_spec, metavar="MEAN/STD", help=NORMALIZE_HELP, **kwargs)
 
 
 def add_attack_args(p: Parser, num_steps: int = 10, eval_steps: Optional[int] = 20,
@@ -295,6 +325,11 @@ def fast_path(args: argparse.Namespace) -> FastPath:
                     compile_backend=args.compile_backend, sync_bn=args.sync_bn)
 
 
+def normalization(args: argparse.Namespace) -> Optional[Normalization]:
+    """``--normalize`` as the per-channel mean and std the model's wrapper applies (None: off)."""
+    return parse_normalization(args.normalize) if args.normalize else None
+
+
 def train_attack(args: argparse.Namespace) -> TrainAttack:
     return TrainAttack(args.epsilon, args.step_size, args.num_steps, args.eval_steps, args.distance)
 
@@ -336,7 +371,8 @@ def training_run(args: argparse.Namespace, modules: Dict[str, nn.Module], optimi
 def stage2_spec(args: argparse.Namespace) -> Stage2Spec:
     """What ``add_stage2_args`` describes, for ``utils.training.stage2.prepare``."""
     return Stage2Spec(args.model_dir, data_spec(args), device_spec(args), args.arch, args.pre_target, fast_path(args),
-                      train_attack(args), estimator_layer(args), args.va_mode, args.quirks, not args.no_progress)
+                      train_attack(args), estimator_layer(args), args.va_mode, args.quirks, not args.no_progress,
+                      normalization(args))
 
 
 def estimator_run(args: argparse.Namespace, setup: Stage2Setup, estimators: nn.ModuleDict) -> Run:

@@ -10,8 +10,19 @@ Versions:
   unless ``n_queries`` says otherwise.
 - ``"custom"``: the attacks named in ``attacks_to_run`` with the package's per-attack
   defaults (APGD and FAB: 5 restarts).
+
+Resuming (``resume_from``): the package's own ``state_path`` cannot resume in pyautoattack 0.2.0
+(its state file stores the set of attacks as the text of a Python set, so every restore fails the
+"same attacks" check, and its restore branch leaves ``y_adv`` unbound). With a state file, the
+package's ``run_standard_evaluation`` is called once per sub-attack instead, on the examples still
+robust, in order: the batches, seeds and so the results are those of one call, and after each
+sub-attack the robust flags (EvaluationState's fields) and the adversarial rows found so far are
+written atomically, so a resumed batch never repeats a finished sub-attack.
 """
+import contextlib
+import contextvars
 import inspect
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -82,6 +93,85 @@ def build_autoattack(
     return adversary
 
 
+_STATE_PATH: contextvars.ContextVar = contextvars.ContextVar("autoattack_state_path", default=None)
+
+
+@contextlib.contextmanager
+def resume_from(path):
+    """AutoAttack calls inside keep their progress in the state file ``path`` and resume from it."""
+    token = _STATE_PATH.set(Path(path))
+    try:
+        yield
+    finally:
+        _STATE_PATH.reset(token)
+
+
+class StateMismatch(ValueError):
+    """A state file written for other examples or another AutoAttack configuration."""
+
+
+def _settings(adversary) -> dict:
+    """What a state file must match: the configuration, and a fingerprint of the model's weights."""
+    weights = [p.detach().double().sum() for p in adversary.model.parameters()]
+    return {"attacks_to_run": list(adversary.attacks_to_run), "version": adversary.version, "norm": adversary.norm,
+            "eps": float(adversary.epsilon), "seed": adversary.seed, "n_iter": int(adversary.apgd.n_iter),
+            "n_queries": int(adversary.square.n_queries),
+            "weights": float(torch.stack(weights).sum()) if weights else 0.0}
+
+
+def _load_state(path: Path, adversary, y: torch.Tensor) -> Optional[dict]:
+    from utils.script import UserError
+    from utils.training.checkpoint import load_checkpoint
+
+    if not path.is_file():
+        return None
+    try:
+        state = load_checkpoint(path, "--aa-state")
+    except UserError as err:
+        raise StateMismatch(str(err)) from None
+    if state.get("settings") != _settings(adversary) or not torch.equal(state.get("labels"), y.cpu()):
+        raise StateMismatch(f"{path} holds the AutoAttack state of other examples or settings "
+                            f"({state.get('settings')}); remove it or use another folder")
+    return state
+
+
+def _resumable(adversary, x: torch.Tensor, y: torch.Tensor, batch_size: int, path: Path) -> torch.Tensor:
+    """``run_standard_evaluation`` one sub-attack at a time, its progress kept in ``path`` (module docstring)."""
+    from utils.training.checkpoint import atomic_save
+
+    state = _load_state(path, adversary, y)
+    x_adv = x.clone()
+    if state is None:
+        with torch.no_grad():  # the package's own clean pass, and its robust flags
+            preds = torch.cat([adversary.get_logits(part).max(dim=1)[1] for part in x.split(batch_size)])
+        flags = preds == y
+        state = {"settings": _settings(adversary), "labels": y.cpu(), "run_attacks": [], "clean_flags": flags.cpu(),
+                 "robust_flags": flags.cpu().clone(), "clean_accuracy": float(flags.float().mean()),
+                 "adv_index": torch.zeros(0, dtype=torch.long), "adv": x.new_zeros((0, *x.shape[1:])).cpu()}
+        atomic_save(state, path)
+    flags = state["robust_flags"].to(x.device, copy=True)  # updated in place below; the state keeps its own
+    x_adv[state["adv_index"].to(x.device)] = state["adv"].to(x_adv)
+    attacks = list(adversary.attacks_to_run)
+    try:
+        for attack in attacks:
+            if attack in state["run_attacks"]:
+                continue
+            robust = flags.nonzero().flatten()  # once per sub-attack, as the package does
+            if robust.numel():
+                adversary.attacks_to_run = [attack]
+                adv, y_adv = adversary.run_standard_evaluation(x[robust], y[robust], batch_size=batch_size)
+                broken = robust[y_adv != y[robust]]
+                x_adv[broken] = adv[y_adv != y[robust]]
+                flags[broken] = False
+            index = (state["clean_flags"] & ~flags.cpu()).nonzero().flatten()  # broken so far
+            state.update(run_attacks=[*state["run_attacks"], attack], robust_flags=flags.cpu().clone(),
+                         adv_index=index, adv=x_adv[index.to(x.device)].cpu())
+            atomic_save(state, path)
+    finally:
+        adversary.attacks_to_run = attacks
+    return x_adv
+
+
 class _Float32Logits(nn.Module):
     """Under bf16 autocast AutoAttack would compute its CE/DLR losses, FAB's linearisation and
     Square's margins on bf16 logits: hand it fp32 ones, as the project's own attacks use."""
@@ -118,6 +208,8 @@ def autoattack(
     with attack_mode(net):
         adversary = build_autoattack(_Float32Logits(net).eval(), epsilon, norm, version, seed, n_iter, n_queries,
                                      verbose, attacks_to_run, device=x.device)
+        if _STATE_PATH.get() is not None:
+            return _resumable(adversary, x, y, batch_size, _STATE_PATH.get()).detach()
         result = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
     # 0.2 returns (x_adv, y_adv); older releases returned x_adv alone.
     x_adv = result[0] if isinstance(result, tuple) else result

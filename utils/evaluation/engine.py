@@ -1,17 +1,27 @@
 """The evaluation engine behind test_comparison.py (PAPER.md §7).
 
 Every attack runs over the same examples, in the same batches; each model's clean
-predictions are computed once and reused. Per-model results live in ``utils.evaluation.results``,
-the trust checks run on them in ``utils.evaluation.checks``, and the tables, JSON and plot that
-report them are made by ``utils.evaluation.output``."""
+predictions are computed once and reused. Each batch's random stream is seeded from the seed and
+the batch's index, so a batch's result does not depend on which batches ran before it, nor on
+the process that ran it: under torchrun each process takes a contiguous block of whole batches
+and the results are gathered in order, every example counted once.
+
+Per-model results live in ``utils.evaluation.results``, the trust checks run on them in
+``utils.evaluation.checks``, and the tables, JSON and plot that report them are made by
+``utils.evaluation.output``."""
+import contextlib
 import dataclasses
+import hashlib
 import math
+import re
 import time
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from utils.attacks.autoattack import resume_from
 from utils.attacks.registry import Attack, attack_outcome
 from utils.data.loaders import BatchLoader
 from utils.data.splits import Split
@@ -24,8 +34,12 @@ from utils.evaluation.checks import (
     check_zero_gradients,
 )
 from utils.evaluation.results import ModelResult, Report, forward_warnings
+from utils.training import distributed
 from utils.training.device import seed_everything
 from utils.training.fast import FastPath
+
+# Batch k of an attack starts from seed + BATCH_SEED_STRIDE·k: batch 0 keeps the seed itself.
+BATCH_SEED_STRIDE = 1_000_003
 
 # ---------------------------------------------------------------- the engine
 
@@ -40,19 +54,25 @@ class Evaluation:
 
     White-box: each target is attacked through its own gradients. Transfer (``surrogate``
     given): each attack is crafted once on the surrogate and the same examples are fed to
-    every target; targets then only ever run under ``torch.no_grad()``."""
+    every target; targets then only ever run under ``torch.no_grad()``.
+
+    ``aa_state``: a folder where AutoAttack keeps each batch's progress (``resume_from``); run again
+    with the same folder, the finished sub-attacks of every batch are read back, not repeated."""
 
     def __init__(self, targets: Dict[str, nn.Module], split: Split, *, batch_size: int, device,
                  surrogate: Optional[nn.Module] = None, seed: int = 0, progress: bool = True,
-                 report: Optional[Report] = None):
+                 report: Optional[Report] = None, aa_state: Optional[Path] = None):
         self.targets = targets
         self.device = torch.device(device)
-        self.split = split.to(self.device)  # once: every pass then batches it on the device
         self.batch_size = batch_size
+        self.first_batch, shard = self._shard(len(split))
+        # Once: every pass then batches it on the device.
+        self.split = (split if len(shard) == len(split) else split.subset(shard)).to(self.device)
         self.surrogate = surrogate
         self.seed = seed
         self.progress = progress
         self.report = report if report is not None else Report()
+        self.aa_state = None if aa_state is None else Path(aa_state)
         self.results: Dict[str, ModelResult] = {}
         self._clean: Dict[str, torch.Tensor] = {}  # each target's clean mask, on the device
 
@@ -60,13 +80,25 @@ class Evaluation:
     def transfer(self) -> bool:
         return self.surrogate is not None
 
-    def _batches(self, desc: Optional[str]) -> Iterator[Tuple[torch.Tensor, torch.Tensor, slice]]:
-        """(x, y, where in the split) per batch, in order; a progress bar unless ``desc`` is None."""
-        loader = BatchLoader(self.split, self.batch_size, device=self.device)
+    def _shard(self, n: int) -> Tuple[int, torch.Tensor]:
+        """(index of this process's first batch, its examples): a contiguous block of whole batches."""
+        ctx = distributed.context()
+        batches = math.ceil(n / self.batch_size)
+        per = math.ceil(batches / ctx.world_size)
+        first = min(ctx.rank * per, batches)
+        last = min(first + per, batches)
+        return first, torch.arange(first * self.batch_size, min(last * self.batch_size, n))
+
+    def _batches(self, desc: Optional[str]) -> Iterator[Tuple[torch.Tensor, torch.Tensor, slice, int]]:
+        """(x, y, where in this process's split, the batch's index in the whole split) per batch, in
+        order; a progress bar unless ``desc`` is None."""
+        # A uint8 Split is scaled to [0, 1] per batch; float tensors (utils.evaluation.api) batch as they are.
+        loader = (self.split.batches(self.batch_size) if hasattr(self.split, "batches")
+                  else BatchLoader(self.split, self.batch_size, device=self.device))
         start = 0
         bar = desc is not None and self.progress
-        for x, y in FastPath().batches(loader, desc, bar):
-            yield x, y, slice(start, start + y.shape[0])
+        for k, (x, y) in enumerate(FastPath().batches(loader, desc, bar)):
+            yield x, y, slice(start, start + y.shape[0]), self.first_batch + k
             start += y.shape[0]
 
     def _sources(self) -> List[Tuple[str, nn.Module, List[str]]]:
@@ -79,7 +111,14 @@ class Evaluation:
         """Eval mode, trust checks on the first batch, and each target's clean mask (once)."""
         for model in [*self.targets.values(), *([self.surrogate] if self.transfer else [])]:
             model.eval()
-        x0, y0, _ = next(self._batches(None))
+        first = next(self._batches(None), None)
+        if first is None:  # a process with no batch (fewer batches than processes)
+            for name in self.targets:
+                self._clean[name] = torch.zeros(0, dtype=torch.bool, device=self.device)
+                self.results[name] = ModelResult(name, self._clean[name].cpu())
+                self.results[name].seconds["clean"] = 0.0
+            return self.results
+        x0, y0, _, _ = first
         for name, model in self.targets.items():
             for message in (check_randomness(model, x0), check_output_range(model, x0)):
                 if message:
@@ -91,7 +130,7 @@ class Evaluation:
         for name, model in self.targets.items():
             began = time.perf_counter()
             parts = []
-            for x, y, _ in self._batches(f"{name}: clean"):
+            for x, y, _, _ in self._batches(f"{name}: clean"):
                 with torch.no_grad():
                     parts.append(model(x).argmax(dim=1) == y)
             self._clean[name] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=self.device)
@@ -102,16 +141,18 @@ class Evaluation:
     def _attack(self, source: nn.Module, names: List[str], attack: Attack, epsilons: Sequence[float],
                 desc: str) -> Tuple[Dict[str, Dict[float, torch.Tensor]], Dict[str, float]]:
         """Masks per target and ε for one run of ``attack`` (several ε only for a minimum-norm attack)."""
-        seed_everything(self.seed)  # every attack sees the same random stream, whatever ran before it
         masks = {n: {e: [] for e in epsilons} for n in names}
         outside = {n: torch.zeros((), dtype=torch.long, device=self.device) for n in names}
         craft, own = 0.0, {n: 0.0 for n in names}
         with forward_warnings(self.report, f"{attack.name} ({desc}): "):
-            for x, y, part in self._batches(f"{desc}: {attack.name}"):
+            for x, y, part, k in self._batches(f"{desc}: {attack.name}"):
+                # Every attack and batch sees the same random stream, whatever ran before it.
+                seed_everything(self.seed + BATCH_SEED_STRIDE * k)
                 # Whole batches, every one of the same size (cuDNN and torch.compile meet one shape):
                 # an example the target already misclassifies counts as broken whatever the attack did.
                 began = time.perf_counter()
-                x_adv = attack(source, x, y)
+                with self._resumable(attack, desc, k):
+                    x_adv = attack(source, x, y)
                 _sync(self.device)
                 craft += time.perf_counter() - began
                 for n in names:
@@ -139,6 +180,14 @@ class Evaluation:
         # A transferred attack's crafting is shared: each target is charged all of it plus its own evaluation.
         return joined, {n: craft + own[n] for n in names}
 
+    def _resumable(self, attack: Attack, label: str, batch: int):
+        """AutoAttack's state file for this batch under ``aa_state`` (no state for other attacks)."""
+        if self.aa_state is None or attack.name != "aa":
+            return contextlib.nullcontext()
+        # A readable folder per model, and a hash so that "a b" and "a_b" never share one.
+        folder = re.sub(r"[^\w.-]+", "_", label) + "-" + hashlib.sha1(label.encode()).hexdigest()[:8]
+        return resume_from(self.aa_state / folder / f"{attack.norm}-{attack.epsilon:.6g}" / f"batch{batch:05d}.pt")
+
     def run(self, attacks: Sequence[Attack], sweep_attacks: Sequence[Attack] = (),
             epsilons: Sequence[float] = ()) -> Dict[str, ModelResult]:
         """Table attacks, then the ε sweep; returns ``{target name: ModelResult}``."""
@@ -153,7 +202,29 @@ class Evaluation:
                     self.results[n].seconds[attack.name] = seconds[n]
             for attack in sweep_attacks:
                 self._sweep(label, source, names, attack, epsilons, attacks)
+        if distributed.context().enabled:
+            self._gather()
         return self.results
+
+    def _gather(self) -> None:
+        """Every process's masks in rank order (the whole split, once), the longest wall time, and
+        every process's warnings, on every process."""
+        parts = distributed.all_gather_object(
+            ({n: (r.clean, r.robust, r.seconds, r.sweep, r.sweep_seconds) for n, r in self.results.items()},
+             list(self.report.messages)))
+        for name in self.results:
+            shards = [part[0][name] for part in parts]
+            result = ModelResult(name, torch.cat([s[0] for s in shards]))
+            for attack in shards[0][1]:
+                result.robust[attack] = torch.cat([s[1][attack] for s in shards])
+            result.seconds = {k: max(s[2][k] for s in shards) for k in shards[0][2]}
+            for attack, by_eps in shards[0][3].items():
+                result.sweep[attack] = {e: torch.cat([s[3][attack][e] for s in shards]) for e in by_eps}
+                result.sweep_seconds[attack] = {e: max(s[4][attack][e] for s in shards) for e in by_eps}
+            self.results[name] = result
+        for _, messages in parts:
+            for message in messages:
+                self.report.warn(message)
 
     def _sweep(self, label: str, source: nn.Module, names: List[str], attack: Attack,
                epsilons: Sequence[float], table_attacks: Sequence[Attack]) -> None:

@@ -99,3 +99,26 @@ def results_json(results: Sequence[ModelResult], attacks: Sequence[Attack], mode
                                   for a in sweep_attacks}
         models.append(entry)
     return {"models": models}
+
+
+# RobustBench's names of the threat models.
+_THREAT_MODELS = {"linf": "Linf", "l2": "L2"}
+
+
+def robustbench_claims(results: Sequence[ModelResult], aa: Attack, architectures: Dict[str, str], dataset: str,
+                       aa_version: str) -> list:
+    """One claim per model in the fields of RobustBench's model_info files (accuracies as strings with
+    two decimals, as there), from the masks of the table; ``n_examples`` says how many test images
+    the numbers rest on (RobustBench's leaderboards use the whole test set)."""
+    claims = []
+    for r in results:
+        row = r.table_row()
+        claims.append({
+            "name": r.name, "dataset": dataset, "threat_model": _THREAT_MODELS[aa.norm],
+            "eps": format_epsilon(aa.epsilon, aa.norm), "clean_acc": f"{row['clean']:.2f}",
+            "autoattack_acc": f"{row[aa.name]:.2f}", "architecture": architectures.get(r.name),
+            # The project's models train on the dataset alone and answer in one deterministic pass.
+            "additional_data": False, "number_forward_passes": 1, "n_examples": int(r.clean.numel()),
+            "autoattack_version": aa_version,
+        })
+    return claims

@@ -1,8 +1,10 @@
 """Files that must never be half-written or run code: atomic writes, checkpoints loaded with
 ``weights_only=True``, and a run folder's config.json and metrics.jsonl."""
+import argparse
 import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -59,8 +61,33 @@ def writable_dir(path, flag: str) -> Path:
     return path
 
 
+# The numpy dtypes of numbers: what training code commonly stores beside its weights (an epoch
+# count, an accuracy). Object, string and void dtypes stay refused.
+_NUMERIC_DTYPES = ("Bool", "Float16", "Float32", "Float64", "LongDouble", "Complex64", "Complex128", "CLongDouble",
+                   "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "Byte", "UByte",
+                   "Short", "UShort", "Int", "UInt", "Long", "ULong", "LongLong", "ULongLong")
+
+
+def harmless_globals() -> list:
+    """Types that other codebases' checkpoints hold beside their weights and that build only data:
+    numpy scalars and numeric dtypes, and argparse.Namespace (the flags of the run)."""
+    found = [argparse.Namespace]
+    try:
+        import numpy as np
+    except ImportError:
+        return found
+    core = getattr(np, "_core", None) or np.core
+    found += [core.multiarray.scalar, np.dtype]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 builds a dtype through its class
+    if dtypes is not None:
+        found += [getattr(dtypes, f"{n}DType") for n in _NUMERIC_DTYPES if hasattr(dtypes, f"{n}DType")]
+    return found
+
+
 def load_checkpoint(path, flag: str):
-    """Load with ``weights_only=True``: a checkpoint holding code is refused, never run."""
+    """Load with ``weights_only=True``: a checkpoint holding code is refused, never run. Tensors
+    saved on a GPU come back on the CPU; numpy numbers and an argparse.Namespace beside the weights
+    are allowed (``harmless_globals``)."""
     path = Path(path)
     if path.is_dir():
         hint = ": give it as --model-dir, or name the .pth file" if flag == "--checkpoint" else ""
@@ -68,10 +95,13 @@ def load_checkpoint(path, flag: str):
     if not path.is_file():
         raise UserError(f"{flag}: no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(harmless_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message suggests weights_only=False, which would run whatever the file holds.
-        what = ("it names code to run, refused" if "GLOBAL" in str(err)
+        named = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"but got <class '([\w.]+)'>", str(err))
+        what = (f"it names code to run ({named.group(1)}), refused" if named
+                else "it names code to run, refused" if "GLOBAL" in str(err)
                 else "not a PyTorch checkpoint, or a damaged one")
         raise UserError(f"{flag}: {path} is not a tensor-only PyTorch checkpoint ({what})") from None
     except Exception as err:  # truncated, or not a zip/pickle at all
@@ -89,18 +119,55 @@ def strip_prefixes(state: dict) -> dict:
     return out
 
 
-def load_weights(module: nn.Module, path, flag: str, what: str) -> None:
-    """Load a plain state_dict (or the ``model`` entry of ``last.pth``) into ``module``, strictly."""
-    state = load_checkpoint(path, flag)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{flag}: {path} does not hold a state_dict")
+# Where other codebases nest the state_dict inside a checkpoint (``model`` is also last.pth's).
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "net")
+# How many missing and unexpected keys a mismatch names.
+SHOWN_KEYS = 3
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def find_state_dict(obj):
+    """The state_dict in a loaded checkpoint: the object itself, or nested (at most twice) under
+    one of ``STATE_DICT_KEYS``; None when there is none."""
+    for _ in range(3):
+        if _is_state_dict(obj):
+            return obj
+        if not isinstance(obj, dict):
+            return None
+        obj = next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj.get(k), dict)), None)
+    return None
+
+
+def _some(keys) -> str:
+    return ", ".join(keys[:SHOWN_KEYS]) + (", ..." if len(keys) > SHOWN_KEYS else "")
+
+
+def load_weights(module: nn.Module, path, flag: str, what: str, arch_flag: str = "--arch") -> None:
+    """Load a state_dict (plain, or nested as ``find_state_dict`` finds it) into ``module``, strictly;
+    ``module.`` and ``_orig_mod.`` prefixes (DataParallel/DDP, torch.compile) are dropped first."""
+    found = find_state_dict(load_checkpoint(path, flag))
+    if found is None:
+        raise UserError(f"{flag}: {path} does not hold a state_dict (plain, or under one of "
+                        f"{', '.join(STATE_DICT_KEYS)})")
+    state = strip_prefixes(found)
+    target = bare_module(module)
+    expected = list(target.state_dict())
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in set(expected)]
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing key(s) ({_some(missing)})" if missing else "",
+                 f"{len(unexpected)} unexpected ({_some(unexpected)})" if unexpected else ""]
+        raise UserError(f"{flag}: {path} does not fit {what}: " + ", ".join(filter(None, parts))
+                        + f"; give the architecture it was saved from with {arch_flag}")
     try:
-        bare_module(module).load_state_dict(strip_prefixes(state), strict=True)
-    except RuntimeError as err:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # the keys fit, a shape does not
         detail = " ".join(str(err).split())
-        raise UserError(f"{flag}: {path} does not fit {what}: {detail[:240]}") from None
+        raise UserError(f"{flag}: {path} does not fit {what}: {detail[:240]}; "
+                        f"give the architecture it was saved from with {arch_flag}") from None
 
 
 def state_dict(module: nn.Module) -> dict:

@@ -7,7 +7,7 @@ import torch
 import torch._functorch.config as functorch_config
 import torch.nn as nn
 
-from models import get_model
+from models.custom import Normalization, build_model
 from utils.data.loaders import BatchLoader, load_splits
 from utils.data.splits import DatasetInfo
 from utils.script import UserError
@@ -63,10 +63,18 @@ def setup(model_dir, data: DataSpec, where: DeviceSpec = DeviceSpec()) -> StageS
     return StageSetup(device, info, train_loader, eval_loader, generator, held_out)
 
 
-def fresh_model(arch: str, info: DatasetInfo, device, fast: FastPath = FastPath()) -> nn.Module:
+def fresh_model(arch: str, info: DatasetInfo, device, fast: FastPath = FastPath(),
+                normalize: Optional[Normalization] = None) -> nn.Module:
     """Stages 1 and 3: a newly initialised ``arch``, with the fast path and DDP as ``fast`` asks."""
-    net = get_model(arch, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
-    return speed_up(net, fast)
+    return speed_up(training_model(arch, info, normalize).to(device), fast)
+
+
+def training_model(arch: str, info: DatasetInfo, normalize: Optional[Normalization] = None) -> nn.Module:
+    """``arch``, normalising its inputs inside ``forward`` when ``normalize`` is given (``--normalize``)."""
+    try:
+        return build_model(arch, info.num_classes, info.in_channels, normalize)
+    except ValueError as err:
+        raise UserError(f"--normalize: {err}") from None
 
 
 class SGDSpec(NamedTuple):
@@ -86,9 +94,10 @@ def sgd(model: nn.Module, spec: SGDSpec):
                                                            gamma=spec.gamma)
 
 
-def frozen_target(arch: str, path, info: DatasetInfo, device, fast: FastPath = FastPath()) -> nn.Module:
+def frozen_target(arch: str, path, info: DatasetInfo, device, fast: FastPath = FastPath(),
+                  normalize: Optional[Normalization] = None) -> nn.Module:
     """Stage 2: the target h_θ0 of ``--pre-target``, in eval mode without parameter gradients."""
-    target = get_model(arch, num_classes=info.num_classes, in_channels=info.in_channels)
+    target = training_model(arch, info, normalize)
     load_weights(target, path, "--pre-target", f"--arch {arch} with {info.num_classes} classes")
     target.to(device).eval().requires_grad_(False)
     if fast.channels_last:

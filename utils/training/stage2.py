@@ -8,6 +8,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from models.custom import Normalization
 from models.estimator import MIEstimator
 from utils.attacks.base import eval_mode
 from utils.attacks.pgd import pgd
@@ -41,6 +42,7 @@ class Stage2Spec(NamedTuple):
     mode: str  # the MI bound (PAPER.md §3)
     quirks: Quirks = NONE
     progress: bool = True
+    normalize: Optional[Normalization] = None  # the target's --normalize
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def prepare(spec: Stage2Spec) -> Stage2Setup:
     (the batch size is the global batch) and of the evaluation split; the estimators see the inputs
     augmented as in stage 1, as the target was trained on them."""
     shared = setup(spec.model_dir, spec.data, spec.where)
-    target = frozen_target(spec.arch, spec.pre_target, shared.info, shared.device, spec.fast)
+    target = frozen_target(spec.arch, spec.pre_target, shared.info, shared.device, spec.fast, spec.normalize)
     return Stage2Setup(**vars(shared), target=target, spec=spec)
 
 
