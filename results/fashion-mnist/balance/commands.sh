@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The α-balance study (results/fashion-mnist/balance/): NAMID at the paper's α = 5 with the MI
 # gradient capped by --mi-grad-clip ρ ∈ {0.1, 0.5}, against Standard AT, on the committed
-# Fashion-MNIST preset. This folder holds the first part: SmallCNN, seed 0.
+# Fashion-MNIST preset, for ARCH=smallcnn or resnet20 and SEED=0, 1, 2 (README.md says which have run).
 # Needs the Debian Fashion-MNIST files: apt-get install -y dataset-fashion-mnist
 # Each command ran with OMP_NUM_THREADS=1, in two lanes (logs/ has each run's output).
 set -euo pipefail
@@ -30,3 +30,28 @@ for run in ${ARCH}_standard_s$SEED ${ARCH}_namid_a5_clip0.1_s$SEED ${ARCH}_namid
   python test_comparison.py $EVAL --attacks pgd40 --batch-size 500 --model-dir $OUT/$run --name $run \
       --out $OUT/eval/$run.json
 done
+
+# The last checkpoint (last.pth) under PGD-40, where the selected epoch is not the last one.
+for run in ${ARCH}_standard_s$SEED ${ARCH}_namid_a5_clip0.1_s$SEED ${ARCH}_namid_a5_clip0.5_s$SEED; do
+  if ! python -c "import json,sys; r=[json.loads(l) for l in open('$OUT/$run/metrics.jsonl')]; sys.exit(r[-1].get('best') is True)"; then
+    python test_comparison.py $EVAL --attacks pgd40 --batch-size 500 --checkpoint $OUT/$run/last.pth \
+        --name ${run}_last --out $OUT/eval/${run}_last.json
+  fi
+done
+
+# AutoAttack (standard version, the official code) on the first 200 test images, seed 0.
+if [ "$SEED" = 0 ]; then
+  for run in ${ARCH}_standard_s0 ${ARCH}_namid_a5_clip0.1_s0 ${ARCH}_namid_a5_clip0.5_s0; do
+    python test_comparison.py $EVAL --attacks aa --n-examples 200 --batch-size 200 --model-dir $OUT/$run \
+        --name $run --out $OUT/eval/${run}_aa200.json
+  done
+fi
+
+# The size of W: NAMID at α = 0.3, batch 100 against batch 400, SmallCNN seed 0 (no cap).
+if [ "$ARCH" = smallcnn ] && [ "$SEED" = 0 ]; then
+  for b in 100 400; do
+    python train_MIAT.py $DATA --va-hsize 512 $TRAIN --batch-size $b --alpha 0.3 \
+        --mi-dir $OUT/smallcnn_mi_estimator_s0 --model-dir $OUT/smallcnn_namid_a0.3_b${b}_s0
+  done
+fi
+
